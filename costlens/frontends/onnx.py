@@ -1,0 +1,367 @@
+"""ONNX front end: a model file -> the graph IR, graph only.
+
+Weights are never read: the file is parsed with ``load_external_data=False``, so a model
+whose weights sit in a 100 GB external file loads as fast as its graph. Shapes are inferred
+symbolically in ``batch`` and ``seq`` with onnxruntime's symbolic shape inference (ONNX's
+own inference is the fallback). Because that inference reads initializer *values* where it
+can, external initializers are handed to it as typed graph inputs instead.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, numpy_helper
+
+from costlens.errors import AbsurdModelError, ModelFormatError, UnsafePathError
+from costlens.ir import BATCH, SEQ, Constant, Graph, Node, Tensor, frozen_map
+
+# A dim larger than this, or a weight with more elements than MAX_ELEMENTS, is no real
+# model: the largest published models have single tensors of a few 10^10 elements.
+MAX_DIM = 2**40
+MAX_ELEMENTS = 2**45
+SMALL_VALUE_LIMIT = 64
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+_DTYPE_NAMES = {
+    TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
+    TensorProto.DOUBLE: "float64", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
+    TensorProto.INT16: "int16", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8",
+    TensorProto.BOOL: "bool", TensorProto.FLOAT8E4M3FN: "float8e4m3fn",
+    TensorProto.FLOAT8E5M2: "float8e5m2", TensorProto.INT4: "int4", TensorProto.UINT4: "uint4",
+}
+
+
+def dtype_name(elem_type: int) -> str:
+    return _DTYPE_NAMES.get(elem_type, TensorProto.DataType.Name(elem_type).lower())
+
+
+# --------------------------------------------------------------------------- reading
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse the protobuf without external data; every failure becomes a ModelFormatError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ModelFormatError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError, TypeError) as e:
+        raise ModelFormatError(f"{path}: not a readable ONNX model (truncated or corrupted?): {e}") from e
+    if model.ir_version <= 0 or not model.opset_import:
+        raise ModelFormatError(f"{path}: not an ONNX model (no IR version or opset)")
+    if len(model.graph.node) == 0:
+        raise ModelFormatError(f"{path}: the ONNX graph is empty (no nodes)")
+    return model
+
+
+def external_location(tensor: TensorProto) -> str | None:
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    entries = {e.key: e.value for e in tensor.external_data}
+    return entries.get("location", "")
+
+
+def resolve_external_path(model_dir: str | os.PathLike, location: str) -> Path:
+    """The file an external-data location names, refusing any path that leaves the model's
+    folder (the onnx path-traversal CVEs). For stages that must read weights."""
+    base = Path(model_dir).resolve()
+    target = (base / location).resolve()
+    if os.path.isabs(location) or (target != base and base not in target.parents):
+        raise UnsafePathError(f"external data path {location!r} leaves the model's folder {base}")
+    return target
+
+
+# --------------------------------------------------------------------------- constants
+
+def _check_dims(what: str, dims) -> None:
+    count = 1
+    for dim in dims:
+        if dim < 0 or dim > MAX_DIM:
+            raise AbsurdModelError(f"absurd dimension {dim} in {what}")
+        count *= dim
+    if count > MAX_ELEMENTS:
+        raise AbsurdModelError(f"absurd size ({count} elements) of {what}")
+
+
+def _constant_from(tensor: TensorProto, name: str, model_dir: Path, warnings: list) -> Constant:
+    dims = tuple(int(d) for d in tensor.dims)
+    _check_dims(f"initializer {name!r}", dims)
+    location = external_location(tensor)
+    if location is not None:
+        try:
+            resolve_external_path(model_dir, location)
+        except UnsafePathError as e:
+            warnings.append(f"initializer {name!r}: {e}; it will never be read")
+    return Constant(name=name, shape=dims, dtype=dtype_name(tensor.data_type), external=location)
+
+
+def _small_value(tensor: TensorProto) -> tuple[int, ...] | None:
+    if external_location(tensor) is not None:
+        return None
+    if tensor.data_type not in (TensorProto.INT64, TensorProto.INT32):
+        return None
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    if n > SMALL_VALUE_LIMIT:
+        return None
+    return tuple(int(v) for v in numpy_helper.to_array(tensor).reshape(-1))
+
+
+# --------------------------------------------------------------------------- nodes
+
+def _scope_of(node: onnx.NodeProto) -> str:
+    """Deepest module path the torch exporter recorded for this node, or ''."""
+    for prop in node.metadata_props:
+        if prop.key == NAME_SCOPES_KEY:
+            try:
+                scopes = ast.literal_eval(prop.value)   # a Python list literal; never eval'd
+            except (ValueError, SyntaxError):
+                return ""
+            if isinstance(scopes, list) and len(scopes) >= 2:
+                return str(scopes[-2])
+    return ""
+
+
+def _attrs_of(node: onnx.NodeProto) -> dict:
+    attrs = {}
+    for attribute in node.attribute:
+        if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            attrs[attribute.name] = "<subgraph>"
+            continue
+        if attribute.type == onnx.AttributeProto.TENSOR:
+            attrs[attribute.name] = attribute.t
+            continue
+        value = onnx.helper.get_attribute_value(attribute)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        elif isinstance(value, list):
+            value = tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in value)
+        attrs[attribute.name] = value
+    return attrs
+
+
+def canonical_op(node: onnx.NodeProto) -> str:
+    domain = node.domain
+    if domain in ("", "ai.onnx"):
+        return node.op_type
+    return f"{domain}.{node.op_type}"
+
+
+def topological_order(model: onnx.ModelProto, available: set[str]) -> list[int]:
+    """Kahn's algorithm over tensors; a node waiting forever is on a cycle or reads nothing."""
+    nodes = model.graph.node
+    producers: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            if out:
+                producers[out] = i
+    waiting = [0] * len(nodes)
+    dependents: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in set(node.input):
+            if not name or name in available:
+                continue
+            if name not in producers:
+                raise ModelFormatError(f"node {node.name or node.op_type!r} reads tensor {name!r} that nothing produces")
+            waiting[i] += 1
+            dependents.setdefault(producers[name], []).append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    order: list[int] = []
+    while ready:
+        i = ready.pop()
+        order.append(i)
+        for j in dependents.get(i, ()):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                ready.append(j)
+    if len(order) != len(nodes):
+        stuck = next(i for i, count in enumerate(waiting) if count > 0)
+        raise ModelFormatError(f"the graph has a cycle through node {nodes[stuck].name or nodes[stuck].op_type!r}")
+    # Keep the file's order where it is already valid: stable and familiar to the user.
+    return list(range(len(nodes))) if _is_valid_order(model, available) else order
+
+
+def _is_valid_order(model: onnx.ModelProto, available: set[str]) -> bool:
+    seen = set(available)
+    for node in model.graph.node:
+        if any(name and name not in seen for name in node.input):
+            return False
+        seen.update(node.output)
+    return True
+
+
+# --------------------------------------------------------------------------- dims
+
+def _token_input_dims(model: onnx.ModelProto, initializers: set[str]) -> dict[str, str]:
+    """Map the symbolic dims of the token-id input to ``batch`` and ``seq``.
+
+    The token input is the rank-2 integer graph input that a Gather uses as indices (the
+    embedding lookup); its first dim is the batch, its second the sequence."""
+    gather_indices = {n.input[1] for n in model.graph.node if n.op_type == "Gather" and len(n.input) > 1}
+    renames: dict[str, str] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        if tensor_type.elem_type not in (TensorProto.INT64, TensorProto.INT32):
+            continue
+        dims = tensor_type.shape.dim
+        if len(dims) != 2 or value.name not in gather_indices:
+            continue
+        for dim, canonical in zip(dims, (BATCH, SEQ)):
+            if dim.HasField("dim_param") and dim.dim_param:
+                renames.setdefault(dim.dim_param, canonical)
+        break
+    return renames
+
+
+def _rename_dims(model: onnx.ModelProto, renames: dict[str, str]) -> None:
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
+
+
+def _check_input_dims(model: onnx.ModelProto) -> None:
+    for value in model.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and (dim.dim_value < 0 or dim.dim_value > MAX_DIM):
+                raise AbsurdModelError(f"absurd dimension {dim.dim_value} in graph input {value.name!r}")
+
+
+# --------------------------------------------------------------------------- shapes
+
+def _graph_for_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose external initializers are typed graph inputs, so inference never opens
+    weight files (STYLE pitfall 6)."""
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    graph = prepared.graph
+    keep = []
+    for tensor in graph.initializer:
+        if external_location(tensor) is None:
+            keep.append(tensor)
+            continue
+        graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    del graph.value_info[:]
+    return prepared
+
+
+def _symbolic_shape_inference():
+    """onnxruntime's SymbolicShapeInference, loaded from its file.
+
+    ``import onnxruntime.tools`` runs a package __init__ that imports torch when torch is
+    installed (0.8 s); the inference module itself needs only onnx, numpy and sympy."""
+    global _SSI
+    if _SSI is None:
+        spec = importlib.util.find_spec("onnxruntime")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("onnxruntime is not installed")
+        path = Path(spec.submodule_search_locations[0]) / "tools" / "symbolic_shape_infer.py"
+        module_spec = importlib.util.spec_from_file_location("costlens._ort_symbolic_shape_infer", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        _SSI = module.SymbolicShapeInference
+    return _SSI
+
+
+_SSI = None
+
+
+def infer_shapes(model: onnx.ModelProto, warnings: list) -> onnx.ModelProto:
+    prepared = _graph_for_inference(model)
+    try:
+        inferred = _symbolic_shape_inference().infer_shapes(prepared, auto_merge=True, guess_output_rank=True)
+        if inferred is not None:
+            return inferred
+        warnings.append("symbolic shape inference gave up; fell back to ONNX shape inference")
+    except Exception as e:  # noqa: BLE001 - any failure of the optional pass falls back
+        warnings.append(f"symbolic shape inference failed ({type(e).__name__}); fell back to ONNX shape inference")
+    try:
+        return onnx.shape_inference.infer_shapes(prepared, strict_mode=False, data_prop=True)
+    except Exception as e:  # noqa: BLE001
+        warnings.append(f"ONNX shape inference failed too ({type(e).__name__}); shapes are partial")
+        return prepared
+
+
+def _dim_of(dim) -> int | str:
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value)
+    if dim.HasField("dim_param") and dim.dim_param:
+        return dim.dim_param
+    return "?"
+
+
+def _tensor_of(value: onnx.ValueInfoProto) -> Tensor:
+    tensor_type = value.type.tensor_type
+    shape = tuple(_dim_of(d) for d in tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+    return Tensor(name=value.name, shape=shape, dtype=dtype_name(tensor_type.elem_type))
+
+
+# --------------------------------------------------------------------------- entry
+
+def load_onnx(path: str | os.PathLike) -> Graph:
+    """Read an ONNX file into the graph IR (no weight bytes are read)."""
+    model = read_model(path)
+    model_dir = Path(path).resolve().parent
+    warnings: list[str] = []
+    graph = model.graph
+
+    constants: dict[str, Constant] = {}
+    small_values: dict[str, tuple[int, ...]] = {}
+    for tensor in graph.initializer:
+        constants[tensor.name] = _constant_from(tensor, tensor.name, model_dir, warnings)
+        value = _small_value(tensor)
+        if value is not None:
+            small_values[tensor.name] = value
+    _check_input_dims(model)
+
+    graph_inputs = tuple(v.name for v in graph.input if v.name not in constants)
+    available = set(constants) | set(graph_inputs)
+    order = topological_order(model, available)
+
+    _rename_dims(model, _token_input_dims(model, set(constants)))
+    inferred = infer_shapes(model, warnings)
+    tensors = {}
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        if value.name not in constants:
+            tensors[value.name] = _tensor_of(value)
+
+    nodes = []
+    for i in order:
+        proto = graph.node[i]
+        if proto.op_type == "Constant" and proto.domain in ("", "ai.onnx") and _fold_constant_node(
+                proto, constants, small_values, model_dir, warnings):
+            continue
+        nodes.append(Node(
+            name=proto.name or f"{proto.op_type}_{i}", op=canonical_op(proto),
+            inputs=tuple(proto.input), outputs=tuple(proto.output),
+            attrs=frozen_map(_attrs_of(proto)), scope=_scope_of(proto),
+        ))
+    return Graph(
+        nodes=tuple(nodes), tensors=frozen_map(tensors), constants=frozen_map(constants),
+        inputs=graph_inputs, outputs=tuple(v.name for v in graph.output), source=str(path),
+        small_values=frozen_map(small_values), warnings=tuple(warnings),
+    )
+
+
+def _fold_constant_node(proto, constants, small_values, model_dir, warnings) -> bool:
+    """A Constant node holding a tensor is treated like an initializer."""
+    value = next((a.t for a in proto.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+    if value is None or not proto.output:
+        return False
+    name = proto.output[0]
+    constants[name] = _constant_from(value, name, model_dir, warnings)
+    small = _small_value(value)
+    if small is not None:
+        small_values[name] = small
+    return True

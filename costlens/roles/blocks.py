@@ -1,0 +1,305 @@
+"""Structural searches: attention, routers, the LM head and FFN units.
+
+Structure decides; names never do. Attention is Q·Kᵀ → Softmax → ·V (or a fused attention
+op); its q/k/v are the linears reached walking back from Q, K and V, its o-projection the
+first linear after the context. A router is a linear whose output reaches TopK. An FFN unit
+is an activation with the linear(s) that feed it and the linear it feeds (up/gate → act →
+down). Every search works on node indices of ``GraphView``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from costlens.roles.graphview import LINEAR_OPS, NORM_OPS, GraphView
+
+FUSED_ATTENTION_OPS = {
+    # op: (q, k, v input slots); None = q/k/v come packed or the weights are inside
+    "com.microsoft.Attention": None,
+    "com.microsoft.MultiHeadAttention": (0, 1, 2),
+    "com.microsoft.GroupQueryAttention": (0, 1, 2),
+    "com.microsoft.PackedAttention": None,
+    "com.microsoft.PackedMultiHeadAttention": (0, 1, 2),
+    "Attention": (0, 1, 2),
+}
+SCORE_PATH_OPS = frozenset({"Add", "Div", "Mul", "Sub", "Where", "Cast", "Tanh", "Reshape", "Identity"})
+PROBS_PATH_OPS = frozenset({"Cast", "Dropout", "Identity", "Reshape", "Where"})
+# Between a projection and the attention core: head reshapes, RoPE, GQA repeats, splits.
+QKV_PATH_OPS = frozenset({
+    "Reshape", "Transpose", "Slice", "Split", "Concat", "Neg", "Mul", "Add", "Sub", "Unsqueeze",
+    "Squeeze", "Expand", "Cast", "Identity", "Gather", "Tile", "Div", "com.microsoft.RotaryEmbedding",
+    "RotaryEmbedding",
+})
+OUT_PATH_OPS = frozenset({"Transpose", "Reshape", "Cast", "Dropout", "Identity", "Squeeze", "Unsqueeze"})
+ROUTER_PATH_OPS = frozenset({"Softmax", "Sigmoid", "Cast", "Add", "Reshape", "Identity", "LogSoftmax", "Div", "Mul"})
+HEAD_PATH_OPS = frozenset({"Cast", "Reshape", "Add", "Transpose", "Identity", "Div", "Tanh", "Mul", "Squeeze"})
+ACTIVATION_OPS = {
+    "Gelu": "gelu", "Relu": "relu", "Sigmoid": "silu", "Erf": "gelu", "Tanh": "tanh",
+    "com.microsoft.FastGelu": "gelu_tanh", "com.microsoft.BiasGelu": "gelu", "com.microsoft.QuickGelu": "gelu_quick",
+    "Softplus": "softplus", "Mish": "mish", "Elu": "elu", "LeakyRelu": "leaky_relu", "HardSwish": "hard_swish",
+    "Selu": "selu", "Celu": "celu",
+}
+FFN_INNER_OPS = frozenset({
+    "Mul", "Add", "Sub", "Div", "Pow", "Tanh", "Erf", "Sigmoid", "Gelu", "Relu", "Split", "Slice", "Cast",
+    "Identity", "Dropout", "Softplus", "Neg", "com.microsoft.FastGelu", "com.microsoft.BiasGelu",
+    "com.microsoft.QuickGelu", "Mish", "Elu", "LeakyRelu", "HardSwish", "Clip",
+})
+TRACE_BACK_OPS = frozenset({"Add", "Split", "Slice", "Reshape", "Cast", "Transpose", "Squeeze", "Unsqueeze",
+                            "Identity", "Dropout", "Mul", "Div", "Gather"})
+
+
+@dataclass(frozen=True)
+class AttentionCore:
+    kind: str
+    score_node: int | None
+    softmax_node: int | None
+    context_node: int | None
+    q: str | None
+    k: str | None
+    v: str | None
+    output: str
+
+
+class BlockFinder:
+    """Searches over a view, given which nodes are linear parameter sites."""
+
+    def __init__(self, view: GraphView, linear_sites: set[int]):
+        self.view = view
+        self.linear_sites = linear_sites
+
+    # ------------------------------------------------------------------ helpers
+    def out_features(self, site: int) -> int | None:
+        out = self.view.nodes[site].outputs[0]
+        shape = self.view.graph.shape(out)
+        if shape and isinstance(shape[-1], int):
+            return shape[-1]
+        return None
+
+    def in_features(self, site: int) -> int | None:
+        for name in self.view.data_inputs(site):
+            shape = self.view.graph.shape(name)
+            if shape and isinstance(shape[-1], int):
+                return shape[-1]
+        return None
+
+    def walk_back_to_linears(self, tensor: str, allowed: frozenset, depth: int = 40) -> tuple[int, ...]:
+        """Linear sites reached walking back from ``tensor`` through ``allowed`` ops (data only)."""
+        found, frontier, seen = set(), [(tensor, 0)], set()
+        while frontier:
+            name, level = frontier.pop()
+            index = self.view.producer.get(name)
+            if index is None or index in seen or level > depth:
+                continue
+            seen.add(index)
+            if index in self.linear_sites:
+                found.add(index)
+                continue
+            if self.view.nodes[index].op not in allowed:
+                continue
+            frontier.extend((x, level + 1) for x in self.view.data_inputs(index))
+        return tuple(sorted(found))
+
+    def walk_forward_to_linear(self, tensor: str, allowed: frozenset, depth: int = 12) -> tuple[int, ...]:
+        found, frontier, seen = set(), [(tensor, 0)], set()
+        while frontier:
+            name, level = frontier.pop()
+            for index in self.view.consumer_nodes(name):
+                if index in seen or level > depth:
+                    continue
+                seen.add(index)
+                if index in self.linear_sites:
+                    found.add(index)
+                    continue
+                if self.view.nodes[index].op in allowed:
+                    frontier.extend((o, level + 1) for o in self.view.nodes[index].outputs if o)
+        return tuple(sorted(found))
+
+    # ------------------------------------------------------------------ attention
+    def attention_cores(self) -> list[AttentionCore]:
+        cores = []
+        for index, node in enumerate(self.view.nodes):
+            if node.op == "Softmax":
+                core = self._eager_core(index)
+            elif node.op in FUSED_ATTENTION_OPS:
+                core = self._fused_core(index)
+            else:
+                continue
+            if core is not None:
+                cores.append(core)
+        return cores
+
+    def _eager_core(self, softmax: int) -> AttentionCore | None:
+        score = self._matmul_of_two_data(self.view.nodes[softmax].inputs[0], SCORE_PATH_OPS, backward=True)
+        if score is None:
+            return None
+        context = self._matmul_of_two_data(self.view.nodes[softmax].outputs[0], PROBS_PATH_OPS, backward=False)
+        if context is None:
+            return None
+        q, k = self.view.nodes[score].inputs[:2]
+        v = self.view.nodes[context].inputs[1]
+        return AttentionCore("eager", score, softmax, context, q, k, v, self.view.nodes[context].outputs[0])
+
+    def _matmul_of_two_data(self, tensor: str, allowed: frozenset, backward: bool, depth: int = 8) -> int | None:
+        """The activation×activation MatMul next to a Softmax, through mask/scale ops."""
+        frontier = [(tensor, 0)]
+        while frontier:
+            name, level = frontier.pop(0)
+            if level > depth:
+                continue
+            indices = [self.view.producer.get(name)] if backward else self.view.consumer_nodes(name)
+            for index in indices:
+                if index is None:
+                    continue
+                node = self.view.nodes[index]
+                if node.op == "MatMul" and index not in self.linear_sites and len(self.view.data_inputs(index)) == 2:
+                    return index
+                if node.op not in allowed or index in self.linear_sites:
+                    continue
+                nxt = self.view.data_inputs(index) if backward else [o for o in node.outputs if o]
+                frontier.extend((x, level + 1) for x in nxt)
+        return None
+
+    def _fused_core(self, index: int) -> AttentionCore:
+        node = self.view.nodes[index]
+        slots = FUSED_ATTENTION_OPS[node.op]
+        inputs = node.inputs + ("",) * 3
+        q = k = v = None
+        if slots is not None:
+            q, k, v = (inputs[s] or None for s in slots)
+        if node.op == "com.microsoft.Attention" or k is None:
+            q = k = v = inputs[0] or None   # packed qkv (or weights inside the op)
+        return AttentionCore(node.op.split(".")[-1], index, None, index, q, k, v, node.outputs[0])
+
+    def projections(self, core: AttentionCore) -> tuple[tuple[int, ...], ...]:
+        """(q, k, v, o) linear sites of one attention core."""
+        if core.kind == "Attention" and core.q is None:
+            return (), (), (), ()
+        q, k, v = (self.walk_back_to_linears(t, QKV_PATH_OPS) if t else () for t in (core.q, core.k, core.v))
+        if core.kind == "Attention" and self.view.nodes[core.score_node].op == "com.microsoft.Attention":
+            q = k = v = ()   # its weights are inputs of the op itself
+        o = self.walk_forward_to_linear(core.output, OUT_PATH_OPS, depth=8)
+        return q, k, v, o
+
+    # ------------------------------------------------------------------ routers
+    def router_of(self, site: int) -> tuple[int | None, int | None] | None:
+        """(TopK node, k) when this linear's output reaches TopK within a few ops."""
+        frontier, seen = [(self.view.nodes[site].outputs[0], 0)], set()
+        while frontier:
+            name, level = frontier.pop(0)
+            for index in self.view.consumer_nodes(name):
+                if index in seen or level > 4:
+                    continue
+                seen.add(index)
+                node = self.view.nodes[index]
+                if node.op == "TopK":
+                    k_value = self.view.graph.small_values.get(node.inputs[1]) if len(node.inputs) > 1 else None
+                    return index, (k_value[0] if k_value else None)
+                if node.op.endswith("MoE") and node.inputs[1:2] == (name,):
+                    return index, node.attr("k")
+                if node.op in ROUTER_PATH_OPS and index not in self.linear_sites:
+                    frontier.extend((o, level + 1) for o in node.outputs if o)
+        return None
+
+    def routing_tensors(self, site: int, topk: int | None, depth: int = 10) -> set[str]:
+        """Tensors derived from a router's decision (combine weights), not crossing linears."""
+        starts = [self.view.nodes[site].outputs[0]]
+        if topk is not None:
+            starts += [o for o in self.view.nodes[topk].outputs if o]
+        found, frontier = set(starts), [(s, 0) for s in starts]
+        while frontier:
+            name, level = frontier.pop()
+            if level >= depth:
+                continue
+            for index in self.view.consumer_nodes(name):
+                if index in self.linear_sites or self.view.nodes[index].op in NORM_OPS:
+                    continue
+                for out in self.view.nodes[index].outputs:
+                    if out and out not in found:
+                        found.add(out)
+                        frontier.append((out, level + 1))
+        return found
+
+    # ------------------------------------------------------------------ head
+    def reaches_output(self, site: int) -> bool:
+        outputs = set(self.view.graph.outputs)
+        frontier, seen = [self.view.nodes[site].outputs[0]], set()
+        while frontier:
+            name = frontier.pop()
+            if name in outputs:
+                return True
+            for index in self.view.consumer_nodes(name):
+                if index in seen or index in self.linear_sites:
+                    continue
+                seen.add(index)
+                if self.view.nodes[index].op in HEAD_PATH_OPS:
+                    frontier.extend(o for o in self.view.nodes[index].outputs if o)
+        return False
+
+    # ------------------------------------------------------------------ FFN
+    def trace_to_linear(self, tensor: str, depth: int = 6) -> int | None:
+        for _ in range(depth):
+            index = self.view.producer.get(tensor)
+            if index is None:
+                return None
+            if index in self.linear_sites:
+                return index
+            node = self.view.nodes[index]
+            data = self.view.data_inputs(index)
+            if node.op not in TRACE_BACK_OPS or len(data) != 1:
+                return None
+            tensor = data[0]
+        return None
+
+    def split_branch(self, tensor: str, depth: int = 6) -> str | None:
+        """The Split/Slice output this tensor comes from on its way back to a linear, if any."""
+        for _ in range(depth):
+            index = self.view.producer.get(tensor)
+            if index is None or index in self.linear_sites:
+                return None
+            if self.view.nodes[index].op in ("Split", "Slice"):
+                return tensor
+            data = self.view.data_inputs(index)
+            if len(data) != 1:
+                return None
+            tensor = data[0]
+        return None
+
+    def ffn_unit_at(self, activation: int, claimed: set[int]):
+        """(first linear, other linears multiplied in, fused gate_up?, down linear) around one
+        activation, or None. The walk forward stops at the first linears (the down) and at
+        adds of two different streams (a residual)."""
+        node = self.view.nodes[activation]
+        first = self.trace_to_linear(node.inputs[0])
+        if first is None or first in claimed:
+            return None
+        own_branch = self.split_branch(node.inputs[0])
+        ups: set[int] = set()
+        fused = False
+        downs: set[int] = set()
+        frontier, seen = [(o, 0) for o in node.outputs if o], {activation}
+        while frontier:
+            name, level = frontier.pop()
+            for index in self.view.consumer_nodes(name):
+                if index in seen or level > 12:
+                    continue
+                seen.add(index)
+                if index in self.linear_sites:
+                    downs.add(index)
+                    continue
+                inner = self.view.nodes[index]
+                if inner.op not in FFN_INNER_OPS:
+                    continue
+                others = [x for x in self.view.data_inputs(index) if x != name]
+                if inner.op == "Add" and others and self.trace_to_linear(others[0]) != first:
+                    continue   # a residual or an accumulation: the unit ended before this
+                if inner.op == "Mul":
+                    for other in others:
+                        up = self.trace_to_linear(other)
+                        if up is not None and up != first:
+                            ups.add(up)
+                        elif up == first and self.split_branch(other) not in (None, own_branch):
+                            fused = True
+                frontier.extend((o, level + 1) for o in inner.outputs if o)
+        downs -= claimed
+        if len(downs) != 1:
+            return None
+        return first, tuple(sorted(ups)), fused, next(iter(downs))

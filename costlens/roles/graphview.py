@@ -1,0 +1,147 @@
+"""Indexes over a Graph that the structural searches share.
+
+``GraphView`` answers: who produces / consumes a tensor, which tensors carry data (depend
+on a graph input through anything but Shape-like ops), and where each constant meets data
+("use sites"). Everything is computed once, in one pass over the topological order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from costlens.ir import Graph, Node
+
+# Ops whose outputs describe a tensor's shape, not its values: data does not flow through.
+SHAPE_OPS = frozenset({"Shape", "Size"})
+
+# Ops that only move, cast or select data: walking through them keeps "the same tensor".
+VIEW_OPS = frozenset({
+    "Reshape", "Transpose", "Cast", "Identity", "Unsqueeze", "Squeeze", "Flatten", "Expand",
+    "Dropout", "Slice", "Gather", "Split", "Concat", "Tile", "CastLike",
+})
+
+LINEAR_OPS = frozenset({"MatMul", "Gemm", "Einsum", "FusedMatMul", "com.microsoft.FusedMatMul"})
+
+NORM_OPS = frozenset({
+    "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+    "com.microsoft.SimplifiedLayerNormalization", "com.microsoft.SkipLayerNormalization",
+    "com.microsoft.SkipSimplifiedLayerNormalization", "com.microsoft.LayerNormalization",
+    "GroupNormalization", "BatchNormalization", "InstanceNormalization",
+})
+
+
+@dataclass(frozen=True)
+class UseSite:
+    """Where a constant (possibly after weight-only ops such as Transpose) meets data."""
+
+    constant: str
+    node: int              # index of the node in graph.nodes
+    slot: int              # which input of that node carries the constant-derived tensor
+    path_ops: tuple[str, ...]   # ops between the constant and the site
+    positional: bool       # the path mixed in shape-derived values (positions): a table, not a weight
+    rank: int | None       # rank of the constant-derived tensor entering the site
+
+
+class GraphView:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.nodes = graph.nodes
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        for i, node in enumerate(graph.nodes):
+            for out in node.outputs:
+                if out:
+                    self.producer[out] = i
+            for name in node.inputs:
+                if name:
+                    self.consumers.setdefault(name, []).append(i)
+        self.data = self._data_tensors()
+        self.dynamic = self._dynamic_tensors()
+
+    # ------------------------------------------------------------------ flows
+    def _data_tensors(self) -> set[str]:
+        """Tensors whose values depend on a graph input's values (not just its shape)."""
+        data = set(self.graph.inputs)
+        for node in self.nodes:
+            if node.op in SHAPE_OPS or node.op == "ConstantOfShape":
+                continue
+            if any(name in data for name in node.inputs if name):
+                data.update(o for o in node.outputs if o)
+        return data
+
+    def _dynamic_tensors(self) -> set[str]:
+        """Tensors that depend on a graph input in any way (values or shape)."""
+        dynamic = set(self.graph.inputs)
+        for node in self.nodes:
+            if any(name in dynamic for name in node.inputs if name):
+                dynamic.update(o for o in node.outputs if o)
+        return dynamic
+
+    def is_data(self, tensor: str) -> bool:
+        return tensor in self.data
+
+    def producer_node(self, tensor: str) -> Node | None:
+        index = self.producer.get(tensor)
+        return None if index is None else self.nodes[index]
+
+    def consumer_nodes(self, tensor: str) -> list[int]:
+        return self.consumers.get(tensor, [])
+
+    def data_inputs(self, index: int) -> list[str]:
+        return [name for name in self.nodes[index].inputs if name and name in self.data]
+
+    # ------------------------------------------------------------------ constants
+    @cached_property
+    def use_sites(self) -> dict[str, list[UseSite]]:
+        """For every float constant, the nodes where it (or a weight-only view of it) meets data."""
+        sites: dict[str, list[UseSite]] = {}
+        for name, const in self.graph.constants.items():
+            if const.is_float and const.n_elements > 0:
+                found = self._sites_of(name, len(const.shape))
+                if found:
+                    sites[name] = found
+        return sites
+
+    def _sites_of(self, constant: str, rank: int) -> list[UseSite]:
+        found: list[UseSite] = []
+        # (tensor, ops so far, positional so far, rank of tensor)
+        stack = [(constant, (), False, rank)]
+        seen = set()
+        while stack:
+            tensor, path, positional, cur_rank = stack.pop()
+            for index in self.consumer_nodes(tensor):
+                node = self.nodes[index]
+                slot = node.inputs.index(tensor)
+                if (index, tensor) in seen:
+                    continue
+                seen.add((index, tensor))
+                if any(self.is_data(x) for x in node.inputs if x):
+                    found.append(UseSite(constant, index, slot, path, positional, cur_rank))
+                    continue
+                # still constant-derived: follow it, noting shape-derived (position) inputs
+                mixes_positions = node.op not in ("Reshape", "Expand") and any(
+                    x in self.dynamic and x != tensor for x in node.inputs if x)
+                for out in node.outputs:
+                    if out:
+                        stack.append((out, path + (node.op,), positional or mixes_positions, self._rank(out)))
+        return sorted(found, key=lambda s: s.node)
+
+    def _rank(self, tensor: str) -> int | None:
+        shape = self.graph.shape(tensor)
+        return None if shape is None else len(shape)
+
+    # ------------------------------------------------------------------ walks
+    def descendants(self, start: str, stop=lambda index: False, limit: int = 10_000) -> set[int]:
+        """Node indices reachable forward from tensor ``start`` (not crossing ``stop`` nodes)."""
+        seen: set[int] = set()
+        frontier = [start]
+        while frontier and len(seen) < limit:
+            tensor = frontier.pop()
+            for index in self.consumer_nodes(tensor):
+                if index in seen:
+                    continue
+                seen.add(index)
+                if stop(index):
+                    continue
+                frontier.extend(o for o in self.nodes[index].outputs if o)
+        return seen

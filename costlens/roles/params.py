@@ -1,0 +1,108 @@
+"""Which constants are parameters, and what kind of use each parameter site is.
+
+A float constant is a parameter where it meets data as a weight: the matrix of a MatMul or
+Gemm, the table of an embedding lookup, the scale or shift of a normalization, the bias
+added to a linear's output, or the weights of a fused attention / MoE op. It is a buffer
+(not a parameter) where it only meets data after mixing with shape-derived values (RoPE
+tables, position-sliced masks) or where it is a scalar (epsilons, exponents, scales).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from costlens.roles.graphview import LINEAR_OPS, NORM_OPS, GraphView, UseSite
+
+ELEMENTWISE = frozenset({"Add", "Mul", "Sub", "Div"})
+FUSED_ATTENTION_WEIGHTED = frozenset({"com.microsoft.Attention"})
+FUSED_MOE = frozenset({"com.microsoft.MoE", "com.microsoft.QMoE", "com.microsoft.SparseMoE"})
+
+
+class SiteKind(Enum):
+    LINEAR = "linear"              # weight of a matmul
+    BIAS = "bias"                  # added to a linear's output
+    EMBED_TOKEN = "token"
+    EMBED_POSITION = "position"
+    NORM = "norm"
+    EXPERT_GATHER = "expert_gather"  # rows of an expert tensor picked by routed indices
+    FUSED_ATTENTION = "fused_attention"
+    FUSED_MOE = "fused_moe"
+    BUFFER = "buffer"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class ParamSite:
+    site: UseSite
+    kind: SiteKind
+    linear_node: int | None = None   # for BIAS: the linear it belongs to; for LINEAR: the site itself
+
+
+def classify_sites(view: GraphView) -> dict[str, list[ParamSite]]:
+    """Every float constant with at least one use site, each site classified."""
+    return {name: [classify(view, s) for s in sites] for name, sites in view.use_sites.items()}
+
+
+def classify(view: GraphView, site: UseSite) -> ParamSite:
+    node = view.nodes[site.node]
+    const = view.graph.constants[site.constant]
+    others = [x for i, x in enumerate(node.inputs) if i != site.slot and x and view.is_data(x)]
+    if site.positional:
+        if node.op == "Add" and others and _last_dim(view, site) is not None:
+            return ParamSite(site, SiteKind.EMBED_POSITION)
+        return ParamSite(site, SiteKind.BUFFER)
+    if const.n_elements == 1:
+        return ParamSite(site, SiteKind.BUFFER)
+    if node.op in LINEAR_OPS:
+        if node.op == "Gemm" and site.slot == 2:
+            return ParamSite(site, SiteKind.BIAS, linear_node=site.node)
+        return ParamSite(site, SiteKind.LINEAR, linear_node=site.node)
+    if node.op == "Gather" and site.slot == 0:
+        if _from_topk(view, node.inputs[1]):
+            return ParamSite(site, SiteKind.EXPERT_GATHER)
+        return ParamSite(site, SiteKind.EMBED_TOKEN)
+    if node.op in NORM_OPS and site.slot >= 1:
+        return ParamSite(site, SiteKind.NORM)
+    if node.op in FUSED_ATTENTION_WEIGHTED and site.slot in (1, 2):
+        return ParamSite(site, SiteKind.FUSED_ATTENTION)
+    if node.op in FUSED_MOE and site.slot >= 2:
+        return ParamSite(site, SiteKind.FUSED_MOE)
+    if node.op in ELEMENTWISE and _is_vector(const.shape):
+        linear = _linear_producer(view, others[0]) if (node.op == "Add" and len(others) == 1) else None
+        if linear is not None:
+            return ParamSite(site, SiteKind.BIAS, linear_node=linear)
+        return ParamSite(site, SiteKind.NORM)
+    return ParamSite(site, SiteKind.UNKNOWN)
+
+
+def _is_vector(shape: tuple[int, ...]) -> bool:
+    """One dim larger than 1 (a per-feature scale or shift, however broadcast)."""
+    return sum(1 for d in shape if d != 1) == 1
+
+
+def _last_dim(view: GraphView, site: UseSite) -> int | None:
+    shape = view.graph.constants[site.constant].shape
+    return shape[-1] if shape else None
+
+
+def _linear_producer(view: GraphView, tensor: str) -> int | None:
+    index = view.producer.get(tensor)
+    if index is not None and view.nodes[index].op in LINEAR_OPS:
+        return index
+    return None
+
+
+def _from_topk(view: GraphView, tensor: str, depth: int = 6) -> bool:
+    """Do these indices come from a TopK (routed expert ids) rather than from token ids?"""
+    for _ in range(depth):
+        index = view.producer.get(tensor)
+        if index is None:
+            return False
+        node = view.nodes[index]
+        if node.op == "TopK":
+            return True
+        data = view.data_inputs(index)
+        if not data:
+            return False
+        tensor = data[0]
+    return False

@@ -1,0 +1,95 @@
+"""The architecture summary, derived from located roles and the graph (never from names)."""
+from __future__ import annotations
+
+from collections import Counter
+
+from costlens.roles.graphview import GraphView
+from costlens.roles.layers import is_post_norm
+from costlens.roles.types import Architecture, FFNUnit, Role
+
+
+def summarize(view: GraphView, params, attentions, routers, units, entries, norm_sites) -> Architecture:
+    token = next((p for p in params if p.role is Role.EMBEDDING and p.kind == "token"), None)
+    head = next((p for p in params if p.role is Role.LM_HEAD), None)
+    first_attention = attentions[0]
+    main_units = [u for u in units if u.role is Role.FFN] or [u for u in units if u.role is Role.EXPERTS]
+    unit = main_units[0] if main_units else None
+    router = routers[0] if routers else None
+    return Architecture(
+        layers=len(attentions),
+        hidden=token.shape[1] if token and len(token.shape) == 2 else _width(view, first_attention.q_sites, inputs=True),
+        heads=first_attention.heads,
+        kv_heads=first_attention.kv_heads,
+        head_dim=first_attention.head_dim,
+        ffn=_ffn_width(view, unit),
+        activation=unit.activation if unit else None,
+        gated_ffn=bool(unit and unit.activation.endswith("(gated)")),
+        experts=router.n_experts if router else 0,
+        top_k=router.top_k if router else None,
+        shared_experts=any(u.role is Role.SHARED_EXPERTS for u in units),
+        vocab=token.shape[0] if token else (_width(view, (_site_index(view, head.site),)) if head else None),
+        norm=_norm_kind(view, norm_sites),
+        norm_placement="post" if is_post_norm(view, entries, norm_sites) else "pre",
+        positions=_positions(view, params),
+        tied_embedding=any(p.tied_to for p in params),
+        ffn_per_block=_ffn_per_block(units, routers),
+    )
+
+
+def _site_index(view: GraphView, name: str) -> int:
+    return next(i for i, n in enumerate(view.nodes) if n.name == name)
+
+
+def _width(view: GraphView, sites, inputs: bool = False) -> int | None:
+    for site in sites:
+        names = view.data_inputs(site) if inputs else view.nodes[site].outputs[:1]
+        for name in names:
+            shape = view.graph.shape(name)
+            if shape and isinstance(shape[-1], int):
+                return shape[-1]
+    return None
+
+
+def _ffn_width(view: GraphView, unit: FFNUnit | None) -> int | None:
+    if unit is None:
+        return None
+    width = _width(view, unit.gate_sites or unit.up_sites)
+    fused = not unit.gate_sites and unit.activation.endswith("(gated)")
+    return width // 2 if fused and width else width
+
+
+def _norm_kind(view: GraphView, norm_sites) -> str | None:
+    ops = Counter(view.nodes[i].op for i in norm_sites)
+    if not ops:
+        return None
+    op = ops.most_common(1)[0][0]
+    if op.endswith("LayerNormalization") and "Simplified" not in op:
+        return "layernorm"
+    if "Simplified" in op or op == "RMSNormalization":
+        return "rmsnorm"
+    # decomposed: LayerNorm subtracts the mean, RMSNorm does not
+    return "layernorm" if any(n.op == "Sub" for n in view.nodes) and _has_mean_sub(view) else "rmsnorm"
+
+
+def _has_mean_sub(view: GraphView) -> bool:
+    for node in view.nodes:
+        if node.op == "Sub":
+            producers = [view.producer_node(x) for x in node.inputs if x]
+            if any(p is not None and p.op == "ReduceMean" for p in producers):
+                return True
+    return False
+
+
+def _positions(view: GraphView, params) -> str:
+    if any(p.role is Role.EMBEDDING and p.kind == "position" for p in params):
+        return "learned"
+    if any(n.op in ("Cos", "Sin") or n.op.endswith("RotaryEmbedding") for n in view.nodes):
+        return "rotary"
+    return "none"
+
+
+def _ffn_per_block(units, routers) -> int:
+    per_layer = Counter(u.layer for u in units if u.role is Role.FFN)
+    for router in routers:
+        per_layer[router.layer] += 1
+    return max(per_layer.values(), default=0)
