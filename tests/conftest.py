@@ -1,0 +1,30 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+sys.path.insert(0, str(FIXTURES))   # fixtures/anonymize.py, fixtures/models.py
+
+TORCH_FIXTURES = ["gpt2", "llama", "moe", "moe_fused", "stacked_ffn", "bert", "moe_anon"]
+
+
+def truth(name: str) -> dict:
+    path = FIXTURES / f"{name}.truth.json"
+    assert path.is_file(), f"missing truth file {path}: a missing golden fails, never skips"
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def loaded():
+    """Each fixture model loaded once per session."""
+    import costlens
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = costlens.load(FIXTURES / f"{name}.onnx")
+        return cache[name]
+    return get
