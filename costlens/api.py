@@ -33,6 +33,8 @@ class Model:
 def load_graph(source: str | os.PathLike) -> Graph:
     """Build the graph IR from a source. Today: an ``.onnx`` file."""
     path = Path(source)
+    if path.is_dir():
+        raise CostlensError(f"{source}: is a directory; give an .onnx file")
     if path.suffix.lower() == ".onnx" or path.is_file():
         from costlens.frontends.onnx import load_onnx
         return load_onnx(path)

@@ -49,7 +49,7 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the costlens.inspect/1 JSON document.")
 @friendly_errors
 def inspect(model: str, as_json: bool) -> None:

@@ -203,3 +203,8 @@ def test_unknown_op_text_says_incomplete(llama_with_unknown_op):
     assert "INCOMPLETE" in result.stdout
     assert "Frobnicate" in result.stdout
     assert "Traceback" not in result.output
+
+
+def test_directory_is_one_line_error(tmp_path):
+    result = _run("inspect", str(tmp_path))
+    _assert_one_line_error(result, "directory")

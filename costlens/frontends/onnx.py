@@ -45,6 +45,8 @@ def dtype_name(elem_type: int) -> str:
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Parse the protobuf without external data; every failure becomes a ModelFormatError."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFormatError(f"{path}: is a directory, not an ONNX file")
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -347,6 +349,7 @@ def load_onnx(path: str | os.PathLike) -> Graph:
             inputs=tuple(proto.input), outputs=tuple(proto.output),
             attrs=frozen_map(_attrs_of(proto)), scope=_scope_of(proto),
         ))
+    tensors = {name: info for name, info in tensors.items() if name not in constants}
     return Graph(
         nodes=tuple(nodes), tensors=frozen_map(tensors), constants=frozen_map(constants),
         inputs=graph_inputs, outputs=tuple(v.name for v in graph.output), source=str(path),
@@ -354,9 +357,26 @@ def load_onnx(path: str | os.PathLike) -> Graph:
     )
 
 
+def _constant_node_value(proto) -> TensorProto | None:
+    """The tensor a Constant node holds, whichever attribute form it uses."""
+    for attribute in proto.attribute:
+        if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
+            return attribute.t
+        value = onnx.helper.get_attribute_value(attribute)
+        if attribute.name == "value_int":
+            return onnx.helper.make_tensor("", TensorProto.INT64, [], [value])
+        if attribute.name == "value_ints":
+            return onnx.helper.make_tensor("", TensorProto.INT64, [len(value)], list(value))
+        if attribute.name == "value_float":
+            return onnx.helper.make_tensor("", TensorProto.FLOAT, [], [value])
+        if attribute.name == "value_floats":
+            return onnx.helper.make_tensor("", TensorProto.FLOAT, [len(value)], list(value))
+    return None
+
+
 def _fold_constant_node(proto, constants, small_values, model_dir, warnings) -> bool:
     """A Constant node holding a tensor is treated like an initializer."""
-    value = next((a.t for a in proto.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+    value = _constant_node_value(proto)
     if value is None or not proto.output:
         return False
     name = proto.output[0]

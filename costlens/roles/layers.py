@@ -14,6 +14,11 @@ RESIDUAL_PATH_OPS = frozenset({"Add", "Cast", "Dropout", "Identity", "Reshape", 
 NORM_DECOMPOSED_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Sqrt", "Reciprocal", "Pow", "ReduceMean", "Cast"})
 
 
+def is_fused_add_norm(op: str) -> bool:
+    """Skip(Simplified)LayerNormalization: residual add and norm in one op; output 3 is the sum."""
+    return op.endswith("SkipLayerNormalization") or op.endswith("SkipSimplifiedLayerNormalization")
+
+
 def residual_entry(view: GraphView, o_site: int, depth: int = 4) -> str | None:
     """The stream tensor added to the attention output (the block's skip input)."""
     tensor = view.nodes[o_site].outputs[0]
@@ -22,8 +27,9 @@ def residual_entry(view: GraphView, o_site: int, depth: int = 4) -> str | None:
         for index in consumers:
             node = view.nodes[index]
             data = view.data_inputs(index)
-            if node.op == "Add" and len(data) == 2:
-                return data[0] if data[1] == tensor else data[1]
+            if (node.op == "Add" or is_fused_add_norm(node.op)) and len(data) >= 2:
+                pair = data[:2]
+                return pair[0] if pair[1] == tensor else pair[1]
         nxt = [i for i in consumers if view.nodes[i].op in RESIDUAL_PATH_OPS]
         if not nxt:
             return None
@@ -33,7 +39,12 @@ def residual_entry(view: GraphView, o_site: int, depth: int = 4) -> str | None:
 
 def is_norm_output(view: GraphView, tensor: str, norm_sites: set[int]) -> bool:
     index = view.producer.get(tensor)
-    return index is not None and (view.nodes[index].op in NORM_OPS or index in norm_sites)
+    if index is None:
+        return False
+    node = view.nodes[index]
+    if node.op in NORM_OPS:
+        return node.outputs[0] == tensor   # a fused add+norm's other outputs are not normalized
+    return index in norm_sites
 
 
 def is_post_norm(view: GraphView, entries: list[str], norm_sites: set[int]) -> bool:
@@ -74,6 +85,9 @@ def label_layers(view: GraphView, entries: list[str], tail_start: str | None) ->
     labels = []
     for node in view.nodes:
         label = max((tensor_label.get(x, -1) for x in node.inputs if x and view.is_data(x)), default=-1)
+        if is_fused_add_norm(node.op):
+            # the add closes the previous layer, the norm opens the one whose entry it emits
+            label = max([label] + [bump[o] for o in node.outputs[1:] if o in bump])
         labels.append(label)
         for out in node.outputs:
             if out:

@@ -260,7 +260,10 @@ def _attention_block(finder, view, core, projection, layer_of) -> AttentionBlock
         kv_heads = node.attr("kv_num_heads")
     if head_dim is None and heads and q:
         width = finder.out_features(q[0])
-        head_dim = width // heads if width and not set(q) & set(k) else None
+        packed = set(q) & set(k)
+        # a packed projection holds q (heads) and k, v (kv heads each)
+        parts = heads + 2 * (kv_heads or heads) if packed else heads
+        head_dim = width // parts if width else None
     if kv_heads is None and head_dim and k and not set(k) & set(q):
         width = finder.out_features(k[0])
         kv_heads = width // head_dim if width else None

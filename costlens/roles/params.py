@@ -14,7 +14,9 @@ from enum import Enum
 from costlens.roles.graphview import LINEAR_OPS, NORM_OPS, GraphView, UseSite
 
 ELEMENTWISE = frozenset({"Add", "Mul", "Sub", "Div"})
-FUSED_ATTENTION_WEIGHTED = frozenset({"com.microsoft.Attention"})
+# What each input slot of a fused op holds, where it is a constant. Slots not listed hold
+# activations. (onnxruntime contrib-op schemas; ONNX RotaryEmbedding opset 23.)
+FUSED_SLOTS: dict[str, dict[int, "SiteKind"]] = {}
 FUSED_MOE = frozenset({"com.microsoft.MoE", "com.microsoft.QMoE", "com.microsoft.SparseMoE"})
 
 
@@ -29,6 +31,17 @@ class SiteKind(Enum):
     FUSED_MOE = "fused_moe"
     BUFFER = "buffer"
     UNKNOWN = "unknown"
+
+
+FUSED_SLOTS.update({
+    "com.microsoft.Attention": {1: SiteKind.FUSED_ATTENTION, 2: SiteKind.FUSED_ATTENTION},
+    "com.microsoft.MultiHeadAttention": {3: SiteKind.FUSED_ATTENTION},
+    # cos/sin caches are tables; head_sink is learned; q/k norm weights are norms
+    "com.microsoft.GroupQueryAttention": {7: SiteKind.BUFFER, 8: SiteKind.BUFFER, 11: SiteKind.FUSED_ATTENTION,
+                                          14: SiteKind.NORM, 15: SiteKind.NORM},
+    "com.microsoft.RotaryEmbedding": {2: SiteKind.BUFFER, 3: SiteKind.BUFFER},
+    "RotaryEmbedding": {1: SiteKind.BUFFER, 2: SiteKind.BUFFER},
+})
 
 
 @dataclass(frozen=True)
@@ -63,8 +76,8 @@ def classify(view: GraphView, site: UseSite) -> ParamSite:
         return ParamSite(site, SiteKind.EMBED_TOKEN)
     if node.op in NORM_OPS and site.slot >= 1:
         return ParamSite(site, SiteKind.NORM)
-    if node.op in FUSED_ATTENTION_WEIGHTED and site.slot in (1, 2):
-        return ParamSite(site, SiteKind.FUSED_ATTENTION)
+    if node.op in FUSED_SLOTS:
+        return ParamSite(site, FUSED_SLOTS[node.op].get(site.slot, SiteKind.UNKNOWN))
     if node.op in FUSED_MOE and site.slot >= 2:
         return ParamSite(site, SiteKind.FUSED_MOE)
     if node.op in ELEMENTWISE and _is_vector(const.shape):

@@ -21,9 +21,9 @@ def summarize(view: GraphView, params, attentions, routers, units, entries, norm
         heads=first_attention.heads,
         kv_heads=first_attention.kv_heads,
         head_dim=first_attention.head_dim,
-        ffn=_ffn_width(view, unit),
-        activation=unit.activation if unit else None,
-        gated_ffn=bool(unit and unit.activation.endswith("(gated)")),
+        ffn=_ffn_width(view, unit) if unit else _fused_moe_width(view, token),
+        activation=unit.activation if unit else _fused_moe_activation(view),
+        gated_ffn=bool(unit and unit.activation.endswith("(gated)")) or "swiglu" in (_fused_moe_activation(view) or ""),
         experts=router.n_experts if router else 0,
         top_k=router.top_k if router else None,
         shared_experts=any(u.role is Role.SHARED_EXPERTS for u in units),
@@ -34,6 +34,29 @@ def summarize(view: GraphView, params, attentions, routers, units, entries, norm
         tied_embedding=any(p.tied_to for p in params),
         ffn_per_block=_ffn_per_block(units, routers),
     )
+
+
+def _fused_moe(view: GraphView):
+    return next((n for n in view.nodes if n.op.endswith("MoE")), None)
+
+
+def _fused_moe_width(view: GraphView, token) -> int | None:
+    """Expert width from fc2's 3-D weight: the dim that is not E and not the hidden size."""
+    node = _fused_moe(view)
+    if node is None or len(node.inputs) < 5 or node.inputs[4] not in view.graph.constants:
+        return None
+    shape = view.graph.constants[node.inputs[4]].shape
+    hidden = token.shape[1] if token else None
+    rest = [d for d in shape[1:] if d != hidden]
+    return rest[0] if len(rest) == 1 else None
+
+
+def _fused_moe_activation(view: GraphView) -> str | None:
+    node = _fused_moe(view)
+    if node is None:
+        return None
+    kind = node.attr("activation_type", "relu")
+    return f"{kind} (gated)" if kind == "swiglu" else kind
 
 
 def _site_index(view: GraphView, name: str) -> int:
@@ -83,7 +106,8 @@ def _has_mean_sub(view: GraphView) -> bool:
 def _positions(view: GraphView, params) -> str:
     if any(p.role is Role.EMBEDDING and p.kind == "position" for p in params):
         return "learned"
-    if any(n.op in ("Cos", "Sin") or n.op.endswith("RotaryEmbedding") for n in view.nodes):
+    if any(n.op in ("Cos", "Sin") or n.op.endswith("RotaryEmbedding") or n.attr("do_rotary")
+           for n in view.nodes):
         return "rotary"
     return "none"
 
