@@ -1,0 +1,60 @@
+"""Evaluate symbolic dims (``batch``, ``seq*2``, ``batch*seq``) at concrete batch and seq.
+
+A tiny arithmetic evaluator over Python's ``ast`` (never ``eval``): shape strings come from
+the model file. A dim naming any other symbol is unknown (None), never guessed.
+"""
+from __future__ import annotations
+
+import ast
+import operator
+from functools import lru_cache
+
+from costlens.ir import Dim, Shape
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.FloorDiv: operator.floordiv, ast.Div: operator.floordiv, ast.Mod: operator.mod}
+
+
+@lru_cache(maxsize=4096)
+def _parse(expression: str):
+    try:
+        return ast.parse(expression, mode="eval").body
+    except SyntaxError:
+        return None
+
+
+def _value(node, bindings: dict[str, int]) -> int | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.Name):
+        return bindings.get(node.id)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _value(node.left, bindings), _value(node.right, bindings)
+        if left is None or right is None or (right == 0 and type(node.op) in (ast.FloorDiv, ast.Div, ast.Mod)):
+            return None
+        return _BINARY[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        inner = _value(node.operand, bindings)
+        return None if inner is None else -inner
+    return None
+
+
+def eval_dim(dim: Dim, bindings: dict[str, int]) -> int | None:
+    if isinstance(dim, int):
+        return dim
+    tree = _parse(dim)
+    return None if tree is None else _value(tree, bindings)
+
+
+def eval_shape(shape: Shape | None, bindings: dict[str, int]) -> tuple[int, ...] | None:
+    if shape is None:
+        return None
+    dims = tuple(eval_dim(d, bindings) for d in shape)
+    return None if any(d is None for d in dims) else dims
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
