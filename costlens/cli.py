@@ -64,5 +64,67 @@ def inspect(model: str, as_json: bool) -> None:
         click.echo(inspect_text(document))
 
 
+def setup_options(command):
+    for decorator in reversed([
+        click.option("--batch", type=int, default=1, show_default=True, help="Sequences per step."),
+        click.option("--seq", type=int, default=None, help="Tokens per sequence [default: 2048, capped by a learned position table]."),
+        click.option("--json", "as_json", is_flag=True, help="Print the costlens.plan/1 JSON document."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def _run_plans(model, plans: list, batch: int, seq, as_json: bool) -> None:
+    """model: a loaded Model; plans: (spec text, Plan) pairs."""
+    from costlens.estimate import estimate
+    from costlens.plans import Setup
+    from costlens.render.plan import plan_document, plan_text
+
+    setup = Setup(batch=batch, seq=seq)
+    results = [(spec, estimate(model, plan, setup)) for spec, plan in plans]
+    document = plan_document(model, results)
+    click.echo(json.dumps(document, indent=2) if as_json else plan_text(document))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--train", help="Roles whose base weights train: attn,q,k,v,o,ffn,up,gate,down,router,experts,"
+                              "shared_experts,embed,norm,head,all,layers:A-B [default: all, or none with --lora].")
+@click.option("--freeze", help="Roles to freeze (same names as --train).")
+@click.option("--lora", help="LoRA targets, e.g. attn or attn,ffn or attn,router,experts.")
+@click.option("--rank", help="LoRA rank: 8, or per target: attn=8,router=4,experts=4.")
+@click.option("--alpha", help="LoRA alpha (does not change costs).")
+@click.option("--stop-grad", help="Detach outputs: attn (nothing below an attention output gets its gradient).")
+@setup_options
+@friendly_errors
+def plan(model, train, freeze, lora, rank, alpha, stop_grad, batch, seq, as_json) -> None:
+    """Price one fine-tuning plan of MODEL: trainable parameters and FLOPs per step."""
+    from costlens.api import load
+    from costlens.plans import plan_from_options
+
+    options = {"train": train, "freeze": freeze, "lora": lora, "rank": rank, "alpha": alpha, "stop_grad": stop_grad}
+    spec = ";".join(f"{key.replace('_', '-')}={value}" for key, value in options.items() if value) or "full"
+    plans = [(spec, plan_from_options(spec, **options))]
+    _run_plans(load(model), plans, batch, seq, as_json)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--plan", "plans", multiple=True,
+              help="A plan spec, repeatable: 'NAME:key=value;key=value' with keys train, freeze, lora, rank, "
+                   "alpha, stop-grad; e.g. 'moe-lora:lora=attn,router,experts;rank=attn=8,router=4,experts=4'.")
+@setup_options
+@friendly_errors
+def compare(model, plans, batch, seq, as_json) -> None:
+    """Price several plans of MODEL side by side (default: a set that fits the model)."""
+    from costlens.api import load
+    from costlens.estimate import default_plans
+    from costlens.plans import parse_plan_spec
+
+    loaded = load(model)
+    specs = list(plans) or default_plans(loaded)
+    _run_plans(loaded, [(spec, parse_plan_spec(spec)) for spec in specs], batch, seq, as_json)
+
+
 if __name__ == "__main__":
     main()

@@ -191,6 +191,7 @@ def resolve_seq(model: Model, setup: Setup) -> tuple[int, list[str]]:
 def estimate(model: Model, plan: Plan, setup: Setup | None = None) -> Estimate:
     """Parameters (counts) and FLOPs (2 x MACs, matmuls only) of one training step."""
     setup = check_setup(setup or Setup())
+    _refuse_unpriced(plan)
     seq, assumptions = resolve_seq(model, setup)
     bindings = {"batch": setup.batch, "seq": seq}
     trainable = trainable_keys(model, plan)
@@ -205,6 +206,27 @@ def estimate(model: Model, plan: Plan, setup: Setup | None = None) -> Estimate:
     return Estimate(plan=plan, setup=setup, batch=setup.batch, seq=seq,
                     params=_count_params(model, trainable, adapters), flops=flops,
                     assumptions=tuple(assumptions), unsupported_ops=model.unknown_ops)
+
+
+def _refuse_unpriced(plan: Plan) -> None:
+    """Plan features whose costs are not modelled yet fail loudly instead of pricing as zero."""
+    unpriced = [what for what, used in (("--stack-ffn", plan.stack_ffn > 0), ("--dropout", plan.dropout > 0),
+                                        ("--lora-dropout", plan.lora_dropout > 0)) if used]
+    if unpriced:
+        raise PlanError(f"{', '.join(unpriced)}: not priced yet by this version of costlens")
+
+
+def default_plans(model: Model) -> list[str]:
+    """The comparison a user of this model most likely wants (issue 3)."""
+    has_ffn = any(u.role is Role.FFN for u in model.roles.params)
+    specs = ["full", "freeze-attn:freeze=attn", "ffn-only:train=ffn" if has_ffn else "experts-only:train=experts",
+             "lora-attn-r8:lora=attn;rank=8"]
+    if has_ffn:
+        specs.append("lora-attn-ffn-r8:lora=attn,ffn;rank=8")
+    if model.roles.routers:
+        specs += ["lora-attn-router-experts:lora=attn,router,experts;rank=attn=8,router=4,experts=4",
+                  "router-only:train=router"]
+    return specs
 
 
 def _count_params(model: Model, trainable: set[str], adapters: list[Adapter]) -> ParamCounts:

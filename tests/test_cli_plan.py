@@ -1,0 +1,74 @@
+"""`costlens plan` / `compare`: exit codes, one-line errors, the costlens.plan/1 document."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import FIXTURES
+from costlens.cli import main
+
+LLAMA = str(FIXTURES / "llama.onnx")
+MOE = str(FIXTURES / "moe.onnx")
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("args, cause", [
+    (["--train", "bogus"], "unknown role 'bogus'"),
+    (["--lora", "attn", "--rank", "0"], "must be positive"),
+    (["--lora", "attn", "--rank", "-3"], "must be positive"),
+    (["--lora", "attn", "--rank", "attn=x"], "not a whole number"),
+    (["--lora", "experts"], "dense model"),
+    (["--train", "router"], "dense model"),
+    (["--lora", "embed"], "not a linear role"),
+    (["--train", "layers:0-7"], "layers 0-1"),
+    (["--stop-grad", "ffn"], "only 'attn'"),
+    (["--seq", "0"], "positive"),
+])
+def test_bad_plan_is_one_line_and_exit_2(args, cause):
+    result = run("plan", LLAMA, *args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("costlens: error:") and cause in lines[0]
+    assert result.stdout == ""
+
+
+def test_seq_beyond_learned_positions_is_refused():
+    result = run("plan", str(FIXTURES / "gpt2.onnx"), "--seq", "4096")
+    assert result.exit_code == 2 and "position table" in result.stderr
+
+
+def test_plan_json_document():
+    result = run("plan", LLAMA, "--lora", "attn", "--rank", "8", "--seq", "64", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["schema"] == "costlens.plan/1"
+    assert document["setup"] == {"batch": 1, "seq": 64}
+    (plan,) = document["plans"]
+    # LoRA r=8 on q,k,v,o of 2 layers: q,o are 64->64, k,v are 64->32
+    # per layer 8*(64+64)*2 + 8*(64+32)*2 = 2048 + 1536 = 3584; two layers = 7168
+    assert plan["params"]["adapter"] == 7168 == plan["params"]["trainable"]
+    flops = plan["flops"]
+    assert flops["backward"] == flops["backward_input"] + flops["backward_weight"]
+    assert flops["step"] == flops["forward"] + flops["backward"] + flops["recompute"]
+    assert all(isinstance(v, int) for v in flops.values())
+
+
+def test_compare_default_plans_fit_the_model():
+    dense = json.loads(run("compare", LLAMA, "--seq", "32", "--json").stdout)
+    assert [p["name"] for p in dense["plans"]] == ["full", "freeze-attn", "ffn-only", "lora-attn-r8", "lora-attn-ffn-r8"]
+    moe = json.loads(run("compare", MOE, "--seq", "32", "--json").stdout)
+    names = [p["name"] for p in moe["plans"]]
+    assert "lora-attn-router-experts" in names and "router-only" in names
+    # router LoRA r=4 on 64->4 (2 layers): 4*(64+4)*2 = 544 of the adapters
+    router_only = next(p for p in moe["plans"] if p["name"] == "router-only")
+    assert router_only["params"]["trainable"] == 2 * 64 * 4
+
+
+def test_compare_text_table():
+    result = run("compare", LLAMA, "--plan", "mine:freeze=attn", "--seq", "32")
+    assert result.exit_code == 0 and "mine" in result.stdout and "trainable" in result.stdout
