@@ -64,23 +64,44 @@ def inspect(model: str, as_json: bool) -> None:
         click.echo(inspect_text(document))
 
 
+SETUP_KEYS = ("batch", "seq", "optimizer", "optimizer_impl", "precision", "attention", "checkpointing", "gpu", "mfu")
+
+
 def setup_options(command):
+    """Options describing how the step runs, shared by plan, compare (and check)."""
     for decorator in reversed([
         click.option("--batch", type=int, default=1, show_default=True, help="Sequences per step."),
-        click.option("--seq", type=int, default=None, help="Tokens per sequence [default: 2048, capped by a learned position table]."),
+        click.option("--seq", type=int, default=None,
+                     help="Tokens per sequence [default: 2048, capped by a learned position table]."),
+        click.option("--optimizer", default="adamw", show_default=True,
+                     type=click.Choice(["adamw", "adamw-8bit", "sgd", "sgd-momentum", "adafactor"])),
+        click.option("--optimizer-impl", type=click.Choice(["for-loop", "foreach"]), default=None,
+                     help="How the optimizer steps [default: foreach with --gpu (torch's CUDA default), else for-loop]."),
+        click.option("--precision", default="fp32", show_default=True,
+                     type=click.Choice(["fp32", "bf16-mixed", "fp16-mixed", "bf16"])),
+        click.option("--attention", default="eager", show_default=True, type=click.Choice(["eager", "fused"]),
+                     help="eager keeps the batch x heads x seq x seq scores; fused (flash / memory-efficient SDPA) does not."),
+        click.option("--checkpointing", is_flag=True, help="Recompute each layer in backward (activation checkpointing)."),
+        click.option("--gpu", default=None, help="Accelerator for a time-per-step figure, e.g. h100, a100-40gb, l4."),
+        click.option("--mfu", type=float, default=0.4, show_default=True, help="Model FLOPs utilization for --gpu."),
         click.option("--json", "as_json", is_flag=True, help="Print the costlens.plan/1 JSON document."),
     ]):
         command = decorator(command)
     return command
 
 
-def _run_plans(model, plans: list, batch: int, seq, as_json: bool) -> None:
+def _setup(options: dict):
+    from costlens.plans import Setup
+    values = {k: options[k] for k in SETUP_KEYS}
+    values["optimizer_impl"] = values["optimizer_impl"] or ("foreach" if values["gpu"] else "for-loop")
+    return Setup(**values)
+
+
+def _run_plans(model, plans: list, setup, as_json: bool) -> None:
     """model: a loaded Model; plans: (spec text, Plan) pairs."""
     from costlens.estimate import estimate
-    from costlens.plans import Setup
     from costlens.render.plan import plan_document, plan_text
 
-    setup = Setup(batch=batch, seq=seq)
     results = [(spec, estimate(model, plan, setup)) for spec, plan in plans]
     document = plan_document(model, results)
     click.echo(json.dumps(document, indent=2) if as_json else plan_text(document))
@@ -94,18 +115,24 @@ def _run_plans(model, plans: list, batch: int, seq, as_json: bool) -> None:
 @click.option("--lora", help="LoRA targets, e.g. attn or attn,ffn or attn,router,experts.")
 @click.option("--rank", help="LoRA rank: 8, or per target: attn=8,router=4,experts=4.")
 @click.option("--alpha", help="LoRA alpha (does not change costs).")
+@click.option("--lora-dropout", help="LoRA dropout probability (keeps a dropped copy of each adapted input).")
 @click.option("--stop-grad", help="Detach outputs: attn (nothing below an attention output gets its gradient).")
+@click.option("--dropout", help="Training-time dropout after embeddings, attention probabilities, attention and "
+                                "FFN outputs (GPT-2/BERT use 0.1); the exported graph no longer shows it.")
+@click.option("--stack-ffn", help="N extra FFN sublayers after each block's FFN (not priced yet).")
 @setup_options
 @friendly_errors
-def plan(model, train, freeze, lora, rank, alpha, stop_grad, batch, seq, as_json) -> None:
-    """Price one fine-tuning plan of MODEL: trainable parameters and FLOPs per step."""
+def plan(model, train, freeze, lora, rank, alpha, lora_dropout, stop_grad, dropout, stack_ffn, as_json,
+         **setup) -> None:
+    """Price one fine-tuning plan of MODEL: parameters, memory and FLOPs of a training step."""
     from costlens.api import load
     from costlens.plans import plan_from_options
 
-    options = {"train": train, "freeze": freeze, "lora": lora, "rank": rank, "alpha": alpha, "stop_grad": stop_grad}
+    options = {"train": train, "freeze": freeze, "lora": lora, "rank": rank, "alpha": alpha,
+               "lora_dropout": lora_dropout, "stop_grad": stop_grad, "dropout": dropout, "stack_ffn": stack_ffn}
     spec = ";".join(f"{key.replace('_', '-')}={value}" for key, value in options.items() if value) or "full"
     plans = [(spec, plan_from_options(spec, **options))]
-    _run_plans(load(model), plans, batch, seq, as_json)
+    _run_plans(load(model), plans, _setup(setup), as_json)
 
 
 @main.command()
@@ -115,7 +142,7 @@ def plan(model, train, freeze, lora, rank, alpha, stop_grad, batch, seq, as_json
                    "alpha, stop-grad; e.g. 'moe-lora:lora=attn,router,experts;rank=attn=8,router=4,experts=4'.")
 @setup_options
 @friendly_errors
-def compare(model, plans, batch, seq, as_json) -> None:
+def compare(model, plans, as_json, **setup) -> None:
     """Price several plans of MODEL side by side (default: a set that fits the model)."""
     from costlens.api import load
     from costlens.estimate import default_plans
@@ -123,7 +150,7 @@ def compare(model, plans, batch, seq, as_json) -> None:
 
     loaded = load(model)
     specs = list(plans) or default_plans(loaded)
-    _run_plans(loaded, [(spec, parse_plan_spec(spec)) for spec in specs], batch, seq, as_json)
+    _run_plans(loaded, [(spec, parse_plan_spec(spec)) for spec in specs], _setup(setup), as_json)
 
 
 if __name__ == "__main__":

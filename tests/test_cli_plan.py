@@ -47,8 +47,13 @@ def test_plan_json_document():
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["schema"] == "costlens.plan/1"
-    assert document["setup"] == {"batch": 1, "seq": 64}
+    assert (document["setup"]["batch"], document["setup"]["seq"]) == (1, 64)
+    assert document["setup"]["optimizer"] == "adamw" and document["setup"]["gpu"] is None
     (plan,) = document["plans"]
+    memory = plan["memory_bytes"]
+    assert set(memory) == {"weights", "gradients", "optimizer", "activations", "peak"}
+    assert memory["peak"] >= memory["weights"] + memory["optimizer"]
+    assert plan["peak_phase"] in ("forward", "backward", "optimizer")
     # LoRA r=8 on q,k,v,o of 2 layers: q,o are 64->64, k,v are 64->32
     # per layer 8*(64+64)*2 + 8*(64+32)*2 = 2048 + 1536 = 3584; two layers = 7168
     assert plan["params"]["adapter"] == 7168 == plan["params"]["trainable"]
@@ -72,3 +77,16 @@ def test_compare_default_plans_fit_the_model():
 def test_compare_text_table():
     result = run("compare", LLAMA, "--plan", "mine:freeze=attn", "--seq", "32")
     assert result.exit_code == 0 and "mine" in result.stdout and "trainable" in result.stdout
+
+
+def test_gpu_gives_time_per_step():
+    document = json.loads(run("plan", LLAMA, "--seq", "32", "--gpu", "h100", "--mfu", "0.5", "--json").stdout)
+    (plan,) = document["plans"]
+    # seconds = step FLOPs / (989.5e12 FLOP/s dense bf16 x 0.5)
+    assert plan["time"]["seconds_per_step"] == pytest.approx(plan["flops"]["step"] / (989.5e12 * 0.5))
+    assert document["setup"]["optimizer_impl"] == "foreach"    # torch's default on CUDA
+
+
+def test_unknown_gpu_is_one_line():
+    result = run("plan", LLAMA, "--gpu", "tpu-v9")
+    assert result.exit_code == 2 and "unknown GPU" in result.stderr

@@ -15,7 +15,7 @@ PLAN_SCHEMA = "costlens.plan/1"
 
 
 def _plan_entry(result: Estimate, spec: str) -> dict:
-    params, flops = result.params, result.flops
+    params, flops, memory = result.params, result.flops, result.memory
     tokens = result.batch * result.seq
     return {
         "name": result.plan.name,
@@ -23,10 +23,16 @@ def _plan_entry(result: Estimate, spec: str) -> dict:
         "params": {"total": params.total, "trainable": params.trainable, "adapter": params.adapter,
                    "frozen": params.frozen, "trainable_by_role": dict(params.trainable_by_role),
                    "active_per_token": params.active_per_token},
+        "memory_bytes": {"weights": memory.weights, "gradients": memory.gradients, "optimizer": memory.optimizer,
+                         "activations": memory.activations, "peak": memory.peak},
+        "peak_phase": memory.peak_phase,
         "flops": {"forward": flops.forward, "backward_input": flops.backward_input,
                   "backward_weight": flops.backward_weight, "recompute": flops.recompute,
                   "backward": flops.backward, "step": flops.step, "per_token": flops.step // tokens,
                   "macs_step": flops.step // 2},
+        "time": None if result.time is None else {
+            "gpu": result.time.gpu, "peak_flops": result.time.peak_flops, "mfu": result.time.mfu,
+            "seconds_per_step": result.time.seconds_per_step},
         "assumptions": list(result.assumptions),
         "unsupported_ops": dict(result.unsupported_ops),
     }
@@ -39,24 +45,34 @@ def plan_document(model: Model, results: list[tuple[str, Estimate]]) -> dict:
         "model": {"source": model.graph.source, "architecture": asdict(model.roles.architecture),
                   "params_total": model.roles.params_total, "params_by_role": model.roles.params_by_role(),
                   "incomplete": model.incomplete, "unknown_ops": dict(model.unknown_ops)},
-        "setup": {"batch": first.batch, "seq": first.seq},
+        "setup": {"batch": first.batch, "seq": first.seq, "optimizer": first.setup.optimizer,
+                  "optimizer_impl": first.setup.optimizer_impl, "precision": first.setup.precision,
+                  "attention": first.setup.attention, "checkpointing": first.setup.checkpointing,
+                  "gpu": first.setup.gpu, "mfu": first.setup.mfu},
         "plans": [_plan_entry(result, spec) for spec, result in results],
     }
 
 
 def plan_text(document: dict) -> str:
     rows = []
+    timed = any(plan.get("time") for plan in document["plans"])
     for plan in document["plans"]:
-        params, flops = plan["params"], plan["flops"]
-        rows.append([plan["name"], units.params(params["trainable"]),
-                     units.share(params["trainable"], params["total"]),
-                     units.params(params["adapter"]) if params["adapter"] else "-",
-                     units.flops(flops["forward"]), units.flops(flops["backward"]), units.flops(flops["step"])])
+        params, flops, memory = plan["params"], plan["flops"], plan["memory_bytes"]
+        row = [plan["name"], units.params(params["trainable"]), units.share(params["trainable"], params["total"]),
+               units.nbytes(memory["weights"]), units.nbytes(memory["gradients"]), units.nbytes(memory["optimizer"]),
+               units.nbytes(memory["activations"]), f"{units.nbytes(memory['peak'])} ({plan['peak_phase']})",
+               units.flops(flops["step"]), units.share(flops["backward"], flops["forward"])]
+        if timed:
+            row.append(units.seconds(plan["time"]["seconds_per_step"]))
+        rows.append(row)
     setup = document["setup"]
-    header = (f"Model: {document['model']['source']}  (batch {setup['batch']}, seq {setup['seq']}; "
-              f"FLOPs = 2 x MACs, matrix products only)")
-    table = tabulate(rows, headers=["plan", "trainable", "share", "adapters", "forward", "backward", "step"],
-                     tablefmt="simple", colalign=("left",) + ("right",) * 6)
+    header = (f"Model: {document['model']['source']}\n"
+              f"batch {setup['batch']}, seq {setup['seq']}, {setup['optimizer']}, {setup['precision']}, "
+              f"{setup['attention']} attention" + (", checkpointing" if setup["checkpointing"] else "")
+              + (f", {setup['gpu']} at {setup['mfu']:.0%} MFU" if setup["gpu"] else ""))
+    headers = ["plan", "trainable", "share", "weights", "grads", "optimizer", "activations", "peak",
+               "step FLOPs", "bwd/fwd"] + (["time/step"] if timed else [])
+    table = tabulate(rows, headers=headers, tablefmt="simple", colalign=("left",) + ("right",) * (len(headers) - 1))
     notes = []
     if document["model"]["incomplete"]:
         ops = ", ".join(f"{op} x{n}" for op, n in document["model"]["unknown_ops"].items())

@@ -27,3 +27,10 @@ def flops(n: int) -> str:
 
 def share(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "-"
+
+
+def seconds(value: float) -> str:
+    for scale, suffix in ((3600, "h"), (60, "min"), (1, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if value >= scale:
+            return f"{value / scale:.3g} {suffix}"
+    return f"{value * 1e9:.3g} ns"

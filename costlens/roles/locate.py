@@ -20,7 +20,9 @@ from costlens.roles.summary import summarize
 from costlens.roles.types import AttentionBlock, FFNUnit, ParamUse, Role, RoleMap, Router
 
 
-def locate_roles(graph: Graph) -> RoleMap:
+def locate_roles(graph: Graph, require_attention: bool = True) -> RoleMap:
+    """Every parameter use with one role and a layer. A graph with no attention is refused
+    unless ``require_attention`` is False (small test graphs, plain MLPs)."""
     view = GraphView(graph)
     sites = classify_sites(view)
     linear_sites = {s.site.node for group in sites.values() for s in group if s.kind is SiteKind.LINEAR}
@@ -29,7 +31,7 @@ def locate_roles(graph: Graph) -> RoleMap:
 
     site_role: dict[int, tuple[Role, str]] = {}      # linear node -> (role, kind)
     cores = sorted(finder.attention_cores(), key=lambda c: c.score_node or 0)
-    if not cores:
+    if not cores and require_attention:
         raise StructureError(f"{graph.source}: no attention found (no Q·Kᵀ → Softmax → ·V and no fused attention op)")
     projections = [finder.projections(core) for core in cores]
     for q, k, v, o in projections:

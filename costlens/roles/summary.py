@@ -11,16 +11,17 @@ from costlens.roles.types import Architecture, FFNUnit, Role
 def summarize(view: GraphView, params, attentions, routers, units, entries, norm_sites) -> Architecture:
     token = next((p for p in params if p.role is Role.EMBEDDING and p.kind == "token"), None)
     head = next((p for p in params if p.role is Role.LM_HEAD), None)
-    first_attention = attentions[0]
+    first_attention = attentions[0] if attentions else None
     main_units = [u for u in units if u.role is Role.FFN] or [u for u in units if u.role is Role.EXPERTS]
     unit = main_units[0] if main_units else None
     router = routers[0] if routers else None
     return Architecture(
         layers=len(attentions),
-        hidden=token.shape[1] if token and len(token.shape) == 2 else _width(view, first_attention.q_sites, inputs=True),
-        heads=first_attention.heads,
-        kv_heads=first_attention.kv_heads,
-        head_dim=first_attention.head_dim,
+        hidden=token.shape[1] if token and len(token.shape) == 2 else (
+            _width(view, first_attention.q_sites, inputs=True) if first_attention else None),
+        heads=first_attention.heads if first_attention else None,
+        kv_heads=first_attention.kv_heads if first_attention else None,
+        head_dim=first_attention.head_dim if first_attention else None,
         ffn=_ffn_width(view, unit) if unit else _fused_moe_width(view, token),
         activation=unit.activation if unit else _fused_moe_activation(view),
         gated_ffn=bool(unit and unit.activation.endswith("(gated)")) or "swiglu" in (_fused_moe_activation(view) or ""),

@@ -1,0 +1,91 @@
+"""FLOPs of one training step from the gradient analysis (2 x MACs, matrix products only).
+
+Forward: every matmul, experts at the share of tokens routed to them (k / E), LoRA's two
+thin matmuls per adapted site. Backward: per matmul that receives a gradient, one forward's
+worth for each gradient it must produce — dX when its activation operand needs a gradient
+(backward_input), dW when its weight trains (backward_weight). Recompute: with activation
+checkpointing, the forward of every layer that runs backward, once more.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from costlens.gradients import StepAnalysis
+from costlens.ops import costs
+from costlens.roles.types import Role
+from costlens.shapes import eval_shape, numel
+
+
+@dataclass(frozen=True)
+class FlopCounts:
+    forward: int
+    backward_input: int
+    backward_weight: int
+    recompute: int = 0
+
+    @property
+    def backward(self) -> int:
+        return self.backward_input + self.backward_weight
+
+    @property
+    def step(self) -> int:
+        return self.forward + self.backward + self.recompute
+
+
+def expert_token_share(analysis: StepAnalysis) -> dict[int, float]:
+    """Per node: the share of tokens a dense-form expert matmul really processes (k / E)."""
+    model = analysis.model
+    routers = {r.layer: r for r in model.roles.routers}
+    index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
+    share = {}
+    for use in model.roles.params:
+        router = routers.get(use.layer)
+        if use.role is Role.EXPERTS and use.kind != "expert_weight" and router and router.top_k:
+            share[index_of[use.site]] = router.top_k / router.n_experts
+    return share
+
+
+def node_forward_flops(analysis: StepAnalysis, index: int, share: dict[int, float]) -> int:
+    graph = analysis.model.graph
+    node = graph.nodes[index]
+    if node.op not in ("MatMul", "Gemm"):
+        return 0
+    a_shape = eval_shape(graph.shape(node.inputs[0]), analysis.bindings)
+    out_shape = eval_shape(graph.shape(node.outputs[0]), analysis.bindings)
+    flops = costs.node_matmul_flops(node, a_shape, out_shape)
+    return 0 if flops is None else round(flops * share.get(index, 1.0))
+
+
+def adapter_tokens(analysis: StepAnalysis, index: int, share: dict[int, float]) -> int:
+    out_shape = eval_shape(analysis.model.graph.shape(analysis.model.graph.nodes[index].outputs[0]), analysis.bindings)
+    return round(numel(out_shape) // out_shape[-1] * share.get(index, 1.0)) if out_shape else 0
+
+
+def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCounts:
+    graph = analysis.model.graph
+    share = expert_token_share(analysis)
+    adapter_at = analysis.adapter_at
+    forward = backward_input = backward_weight = recompute = 0
+    for index, node in enumerate(graph.nodes):
+        flops = node_forward_flops(analysis, index, share)
+        adapter = adapter_at.get(index)
+        lora = 0
+        if adapter is not None:
+            tokens = adapter_tokens(analysis, index, share)
+            lora = costs.lora_flops(tokens, adapter.rank, adapter.d_in, adapter.d_out)
+        forward += flops + lora
+        if not analysis.runs_backward[index]:
+            continue
+        if checkpointing and analysis.model.roles.node_layers[index] is not None:
+            recompute += flops + lora
+        for operand in node.inputs[:2] if flops else ():
+            if operand in analysis.weights:
+                backward_weight += flops if index in analysis.trainable_sites else 0
+            elif analysis.needs(operand):
+                backward_input += flops
+        if adapter is not None:
+            backward_weight += lora                                               # dA and dB
+            backward_input += costs.matmul_flops(tokens, adapter.d_out, adapter.rank)  # d(xA)
+            if analysis.needs(node.inputs[0]):
+                backward_input += costs.matmul_flops(tokens, adapter.rank, adapter.d_in)  # dX through A
+    return FlopCounts(forward, backward_input, backward_weight, recompute)

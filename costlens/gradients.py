@@ -1,0 +1,168 @@
+"""From a plan to the step's gradient physics on the graph.
+
+Freezing stops updates, not gradient flow (DESIGN.md §2.1): a tensor needs a gradient when a
+trainable parameter or adapter lies upstream of it and no stop-gradient cuts the path; a
+node runs backward when its output receives a gradient from the loss. ``analyze`` computes
+this once per plan; FLOPs (flops.py) and memory (memory.py) both read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from costlens.api import Model
+from costlens.errors import PlanError
+from costlens.ir import FLOAT_DTYPES
+from costlens.plans import LORA_TARGETS, Plan, select
+from costlens.roles.types import ParamUse, Role
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One LoRA adapter on one parameter use (one per expert for a 3-D expert tensor)."""
+
+    key: str
+    role: Role
+    site: int
+    rank: int
+    d_in: int
+    d_out: int
+    n_experts: int = 0
+
+    @property
+    def n_params(self) -> int:
+        return max(self.n_experts, 1) * self.rank * (self.d_in + self.d_out)
+
+
+@dataclass(frozen=True)
+class StepAnalysis:
+    """Which parameters train, where adapters sit, what needs and receives gradients."""
+
+    model: Model
+    bindings: dict
+    trainable: frozenset[str]             # ParamUse keys whose base weights train
+    trainable_sites: frozenset[int]       # nodes where a trainable parameter meets data
+    adapters: tuple[Adapter, ...]
+    cuts: frozenset[str]                  # tensors detached by stop-gradient
+    needs_grad: dict                      # tensor -> bool
+    runs_backward: tuple[bool, ...]       # per node
+    weights: frozenset[str]               # tensors computed from constants alone
+
+    @property
+    def adapter_at(self) -> dict[int, Adapter]:
+        return {a.site: a for a in self.adapters}
+
+    def needs(self, tensor: str) -> bool:
+        return bool(tensor) and self.needs_grad.get(tensor, False) and tensor not in self.cuts
+
+
+def analyze(model: Model, plan: Plan, bindings: dict) -> StepAnalysis:
+    trainable = trainable_keys(model, plan)
+    adapters = lora_adapters(model, plan, bindings)
+    index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
+    trainable_sites = {index_of[u.site] for u in model.roles.params if u.key in trainable}
+    cuts = stop_grad_cuts(model, plan)
+    needs, runs_backward = gradient_flow(model, trainable_sites | {a.site for a in adapters}, cuts)
+    return StepAnalysis(model, bindings, frozenset(trainable), frozenset(trainable_sites), tuple(adapters),
+                        frozenset(cuts), needs, tuple(runs_backward), frozenset(constant_derived(model)))
+
+
+def trainable_keys(model: Model, plan: Plan) -> set[str]:
+    uses = model.roles.params
+    if plan.train:
+        chosen = set().union(*(select(uses, s, model.roles) for s in plan.train))
+    else:
+        chosen = set() if plan.lora else {u.key for u in uses}
+    for selector in plan.freeze:
+        chosen -= select(uses, selector, model.roles)
+    # a tie is one tensor: training either use trains both
+    by_key = {u.key: u for u in uses}
+    for use in uses:
+        if use.tied_to:
+            token = next(u.key for u in uses if u.constant == use.tied_to and u.role is Role.EMBEDDING)
+            if use.key in chosen or token in chosen:
+                chosen |= {use.key, token}
+    return {k for k in chosen if k in by_key}
+
+
+def lora_adapters(model: Model, plan: Plan, bindings: dict[str, int]) -> list[Adapter]:
+    adapters: list[Adapter] = []
+    index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
+    for target in plan.lora:
+        if target not in LORA_TARGETS:
+            raise PlanError(f"LoRA target {target!r} is not a linear role (choose from {', '.join(LORA_TARGETS)})")
+        rank = plan.rank_for(target)
+        for use in model.roles.params:
+            if use.key not in select(model.roles.params, target, model.roles) or use.kind == "bias":
+                continue
+            if use.kind in ("norm", "token", "position") or use.tied_to:
+                continue
+            site = index_of[use.site]
+            d_in, d_out = _linear_dims(model, site, use)
+            adapters.append(Adapter(use.key, use.role, site, rank, d_in, d_out, use.n_experts))
+    return adapters
+
+
+def _linear_dims(model: Model, site: int, use: ParamUse) -> tuple[int, int]:
+    shape = use.shape[1:] if use.n_experts else use.shape
+    node = model.graph.nodes[site]
+    if node.op == "Gemm" and node.attr("transB", 0):
+        return shape[1], shape[0]
+    out_shape = model.graph.shape(node.outputs[0])
+    if out_shape and isinstance(out_shape[-1], int) and out_shape[-1] == shape[0] and shape[0] != shape[1]:
+        return shape[1], shape[0]
+    return shape[0], shape[1]
+
+
+def gradient_flow(model: Model, trainable_sites: set[int], cuts: set[str]):
+    """(needs_grad per tensor, runs_backward per node)."""
+    graph = model.graph
+    needs: dict[str, bool] = {}
+    for index, node in enumerate(graph.nodes):
+        flag = index in trainable_sites or any(needs.get(x, False) for x in node.inputs if x and x not in cuts)
+        for out in node.outputs:
+            if out:
+                dtype = graph.dtype(out)
+                needs[out] = flag and (dtype is None or dtype in FLOAT_DTYPES)
+    receives = {o for o in graph.outputs if needs.get(o)}
+    runs_backward = [False] * len(graph.nodes)
+    for index in range(len(graph.nodes) - 1, -1, -1):
+        node = graph.nodes[index]
+        if not any(out in receives for out in node.outputs if out):
+            continue
+        runs_backward[index] = True
+        for x in node.inputs:
+            if x and needs.get(x) and x not in cuts:
+                receives.add(x)
+    return needs, runs_backward
+
+
+def stop_grad_cuts(model: Model, plan: Plan) -> set[str]:
+    cuts: set[str] = set()
+    for target in plan.stop_grad:
+        if target != "attn":
+            raise PlanError(f"--stop-grad {target!r}: only 'attn' (detach every attention output) is supported")
+        for attention in model.roles.attentions:
+            for site in attention.o_sites:
+                cuts.add(_after_bias(model, model.graph.nodes[site].outputs[0]))
+    return cuts
+
+
+def _after_bias(model: Model, tensor: str) -> str:
+    """Follow a linear's output through its bias add (the detach comes after the bias)."""
+    consumers = [n for n in model.graph.nodes if tensor in n.inputs]
+    if len(consumers) == 1 and consumers[0].op == "Add":
+        others = [x for x in consumers[0].inputs if x != tensor]
+        if others and all(x in model.graph.constants for x in others):
+            return consumers[0].outputs[0]
+    return tensor
+
+
+def constant_derived(model: Model) -> set[str]:
+    """Tensors computed from constants alone (e.g. a transposed weight): weights, not data."""
+    derived = set(model.graph.constants)
+    for node in model.graph.nodes:
+        if all(x in derived for x in node.inputs if x):
+            derived.update(o for o in node.outputs if o)
+    return derived
+
+

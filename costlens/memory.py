@@ -1,0 +1,381 @@
+"""Memory of one steady-state training step (the second step: optimizer state exists).
+
+Persistent: weights, optimizer state (and fp32 master weights under mixed precision).
+Activations: the storages autograd saves for backward (ops/saved.py), each storage counted
+once (views share their base's storage), plus the logits the training loop holds and the
+loss's log-softmax. The peak is simulated phase by phase (DESIGN.md §2.8): the end of the
+forward; backward in reverse order, saved storages released after the last node that needs
+them while weight gradients appear; the optimizer step with its temporaries. Gradients are
+freed by ``zero_grad(set_to_none=True)`` before each forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from costlens.gradients import StepAnalysis
+from costlens.ir import Node
+from costlens.ops.saved import Extra, saved_by
+from costlens.optimizers import state_bytes, step_temporaries
+from costlens.plans import Plan, Setup
+from costlens.roles.types import Role
+from costlens.shapes import eval_shape, numel
+
+VIEW_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Split",
+                      "Expand", "Dropout"})
+# Ops autocast runs in fp32 under mixed precision (torch.amp's fp32 list).
+AUTOCAST_FP32 = frozenset({"Softmax", "LogSoftmax", "LayerNormalization", "Pow", "ReduceMean", "Sqrt",
+                           "Reciprocal", "Exp", "Log", "RMSNormalization"})
+INT_BYTES = {"int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
+
+
+@dataclass(frozen=True)
+class MemoryBytes:
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    peak: int
+    peak_phase: str
+
+
+@dataclass(frozen=True)
+class Precision:
+    weight: int          # bytes per weight (and gradient)
+    activation: int      # bytes per activation element
+    state: int           # bytes per optimizer-state element
+    master: int          # bytes of master copy per trainable parameter
+    mixed: bool
+
+    @staticmethod
+    def of(name: str) -> "Precision":
+        if name == "fp32":
+            return Precision(4, 4, 4, 0, False)
+        if name == "bf16":
+            return Precision(2, 2, 2, 0, False)
+        return Precision(2, 2, 4, 4, True)      # bf16-mixed / fp16-mixed: half weights, fp32 master and state
+
+
+class _Context:
+    """The SavedContext the per-op rules read, over one StepAnalysis."""
+
+    def __init__(self, analysis: StepAnalysis, precision: Precision):
+        self.analysis = analysis
+        self.graph = analysis.model.graph
+        self.precision = precision
+        self.silu = _silu_sigmoid_outputs(self.graph)
+        self.consumers: dict[str, list[int]] = {}
+        for index, node in enumerate(self.graph.nodes):
+            for name in node.inputs:
+                if name:
+                    self.consumers.setdefault(name, []).append(index)
+        self._index = {n.name: i for i, n in enumerate(self.graph.nodes)}
+        self._producer = {o: n for n in self.graph.nodes for o in n.outputs if o}
+
+    def needs(self, tensor: str) -> bool:
+        return self.analysis.needs(tensor)
+
+    def is_weight(self, tensor: str) -> bool:
+        return tensor in self.analysis.weights
+
+    def trains(self, node: Node) -> bool:
+        return self._index[node.name] in self.analysis.trainable_sites
+
+    def is_silu_sigmoid(self, tensor: str) -> bool:
+        return tensor in self.silu
+
+    def rows(self, tensor: str) -> int:
+        shape = self.shape(tensor)
+        return numel(shape) // shape[-1] if shape else 0
+
+    def stat_bytes(self) -> int:
+        return 4
+
+    def shape(self, tensor: str):
+        return eval_shape(self.graph.shape(tensor), self.analysis.bindings)
+
+    def element_bytes(self, tensor: str) -> int:
+        dtype = self.graph.dtype(tensor) or "float32"
+        if dtype in INT_BYTES:
+            return INT_BYTES[dtype]
+        producer = self.producer(tensor)
+        if self.precision.mixed and producer is not None and producer.op in AUTOCAST_FP32:
+            return 4
+        return self.precision.activation
+
+    def producer(self, tensor: str) -> Node | None:
+        return self._producer.get(tensor)
+
+    def storage(self, tensor: str) -> str:
+        """The tensor whose storage this one shares (views), else itself."""
+        current = tensor
+        while True:
+            node = self.producer(current)
+            if node is None or node.op not in VIEW_OPS or not node.inputs[0]:
+                return current
+            base = self.producer(node.inputs[0])
+            if node.op == "Reshape" and base is not None and base.op in ("Transpose", "Expand"):
+                return current            # reshaping a non-contiguous tensor copies it
+            current = node.inputs[0]
+
+    def nbytes(self, tensor: str) -> int:
+        shape = self.shape(tensor)
+        return numel(shape) * self.element_bytes(tensor) if shape is not None else 0
+
+
+def _silu_sigmoid_outputs(graph) -> set[str]:
+    """Sigmoid outputs used only as x * sigmoid(x): torch runs that as one silu."""
+    found = set()
+    users: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            users.setdefault(name, []).append(node)
+    for node in graph.nodes:
+        if node.op != "Sigmoid":
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        uses = users.get(y, [])
+        if uses and all(u.op == "Mul" and set(u.inputs) == {x, y} for u in uses):
+            found.add(y)
+    return found
+
+
+# --------------------------------------------------------------------------- saved storages
+
+@dataclass
+class _Saved:
+    n_bytes: int
+    release: int          # node index whose backward is the last to need it
+
+
+def _add(saved: dict, key: str, n_bytes: int, release: int) -> None:
+    if key in saved:
+        saved[key].release = min(saved[key].release, release)
+    else:
+        saved[key] = _Saved(n_bytes, release)
+
+
+def _fused_attention_nodes(analysis: StepAnalysis) -> dict[int, list]:
+    """With a fused kernel (flash / memory-efficient SDPA) no seq x seq tensor is kept:
+    the core saves q, k, v, its output and a per-row logsumexp instead."""
+    replaced: dict[int, list] = {}
+    graph = analysis.model.graph
+    for block in analysis.model.roles.attentions:
+        if block.kind != "eager":
+            continue
+        score, context = graph.nodes[block.score_node], graph.nodes[block.context_node]
+        q, k = score.inputs[:2]
+        v, out = context.inputs[1], context.outputs[0]
+        for index in range(block.score_node, block.context_node + 1):
+            replaced.setdefault(index, [])
+        lse = (block.heads or 1) * analysis.bindings["batch"] * analysis.bindings["seq"] * 4
+        replaced[block.context_node] = [q, k, v, out, Extra(f"lse@{context.name}", lse)]
+    return replaced
+
+
+def collect_saved(analysis: StepAnalysis, ctx: _Context, plan: Plan, setup: Setup) -> dict[str, _Saved]:
+    saved: dict[str, _Saved] = {}
+    graph = analysis.model.graph
+    fused = _fused_attention_nodes(analysis) if setup.attention == "fused" else {}
+    adapter_at = analysis.adapter_at
+    for index, node in enumerate(graph.nodes):
+        if not analysis.runs_backward[index]:
+            continue
+        items = fused[index] if index in fused else saved_by(node, ctx)
+        if index in adapter_at:
+            items = items + _lora_saved(analysis, ctx, index, plan)
+        for item in items:
+            if isinstance(item, Extra):
+                _add(saved, item.key, item.n_bytes, index)
+            elif item and not ctx.is_weight(item) and item not in graph.inputs:
+                root = ctx.storage(item)
+                _add(saved, root, ctx.nbytes(root), index)
+    for key, n_bytes, release in _dropout_saved(analysis, ctx, plan):
+        _add(saved, key, n_bytes, release)
+    return saved
+
+
+def _lora_saved(analysis: StepAnalysis, ctx: _Context, index: int, plan: Plan) -> list:
+    """PEFT: lora_B(lora_A(dropout(x))) * scale. A's matmul keeps x (or its dropped copy and
+    the mask), B's keeps x·A. Adapters on a fused 3-D expert tensor (target_parameters) build
+    each expert's full delta weight in every forward, and autograd keeps it."""
+    adapter = analysis.adapter_at[index]
+    node = analysis.model.graph.nodes[index]
+    x = node.inputs[0]
+    x_shape = ctx.shape(x)
+    share = 1.0
+    for router in analysis.model.roles.routers:
+        if adapter.role is Role.EXPERTS and router.top_k and not adapter.n_experts:
+            share = router.top_k / router.n_experts
+    rows = round((numel(x_shape) // x_shape[-1] if x_shape else 0) * share)
+    act = ctx.precision.activation
+    items: list = [Extra(f"lora_xa@{node.name}", rows * adapter.rank * act)]
+    if plan.lora_dropout > 0:
+        items += [Extra(f"lora_drop@{node.name}", rows * adapter.d_in * act),
+                  Extra(f"lora_mask@{node.name}", rows * adapter.d_in)]
+    elif share == 1.0:
+        items.append(x)
+    else:
+        items.append(Extra(f"lora_x@{node.name}", rows * adapter.d_in * act))   # the routed tokens' copy
+    if adapter.n_experts:
+        delta = adapter.n_experts * adapter.d_in * adapter.d_out * ctx.precision.weight
+        items += [Extra(f"lora_delta@{node.name}", delta), Extra(f"lora_merged@{node.name}", delta)]
+    return items
+
+
+def _dropout_saved(analysis: StepAnalysis, ctx: _Context, plan: Plan):
+    """Training-time dropout the inference graph no longer shows (GPT-2/BERT place it after the
+    embeddings, on attention probabilities, on the attention output and on the FFN output):
+    each keeps a 1-byte mask where its input needs a gradient; on attention probabilities the
+    dropped copy is what P·V keeps, beside softmax's own output."""
+    if plan.dropout <= 0:
+        return []
+    graph, roles = analysis.model.graph, analysis.model.roles
+    found = []
+    for block in roles.attentions:
+        if block.softmax_node is not None:
+            probs = graph.nodes[block.softmax_node].outputs[0]
+            if ctx.needs(probs):
+                elements = ctx.nbytes(probs) // ctx.element_bytes(probs)
+                found.append((f"drop_mask@{probs}", elements, block.softmax_node))
+                found.append((f"drop_probs@{probs}", elements * ctx.precision.activation, block.context_node))
+        for site in block.o_sites:
+            found += _mask_after(analysis, ctx, site)
+    for unit in roles.ffn_units:
+        found += _mask_after(analysis, ctx, unit.down_site)
+    token = next((u for u in roles.params if u.kind == "token"), None)
+    if token is not None:
+        index = next(i for i, n in enumerate(graph.nodes) if n.name == token.site)
+        found += _mask_after(analysis, ctx, index)
+    return found
+
+
+def _mask_after(analysis: StepAnalysis, ctx: _Context, index: int):
+    out = analysis.model.graph.nodes[index].outputs[0]
+    if not ctx.needs(out):
+        return []
+    shape = ctx.shape(out)
+    return [(f"drop_mask@{out}", numel(shape) if shape else 0, index)]
+
+
+# --------------------------------------------------------------------------- persistent
+
+def trainable_shapes(analysis: StepAnalysis) -> list[tuple[int, ...]]:
+    """Shapes of the tensors the optimizer holds: trainable base weights and LoRA A, B."""
+    shapes = [u.shape for u in analysis.model.roles.params if u.key in analysis.trainable and u.n_params]
+    for adapter in analysis.adapters:
+        experts = (adapter.n_experts,) if adapter.n_experts else ()
+        shapes += [experts + (adapter.rank, adapter.d_in), experts + (adapter.d_out, adapter.rank)]
+    return shapes
+
+
+def _grads_at(analysis: StepAnalysis, precision: Precision) -> dict[int, int]:
+    """Bytes of weight gradients produced at each node's backward."""
+    index_of = {n.name: i for i, n in enumerate(analysis.model.graph.nodes)}
+    grads: dict[int, int] = {}
+    for use in analysis.model.roles.params:
+        if use.key in analysis.trainable and use.n_params:
+            site = index_of[use.site]
+            grads[site] = grads.get(site, 0) + use.n_params * precision.weight
+    for adapter in analysis.adapters:
+        grads[adapter.site] = grads.get(adapter.site, 0) + adapter.n_params * precision.weight
+    return grads
+
+
+def _transient(ctx: _Context, node: Node) -> int:
+    """Gradient tensors alive while one node runs backward: its output's and its inputs'."""
+    if node.op in VIEW_OPS:
+        return 0
+    total = sum(ctx.nbytes(o) for o in node.outputs if o and ctx.needs(o))
+    return total + sum(ctx.nbytes(x) for x in node.inputs if x and ctx.needs(x))
+
+
+# --------------------------------------------------------------------------- estimate
+
+def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryBytes:
+    precision = Precision.of(setup.precision)
+    ctx = _Context(analysis, precision)
+    graph, roles = analysis.model.graph, analysis.model.roles
+    shapes = trainable_shapes(analysis)
+    n_trainable = sum(numel(s) for s in shapes)
+    adapter_params = sum(a.n_params for a in analysis.adapters)
+    weights = (roles.params_total + adapter_params) * precision.weight
+    gradients = n_trainable * precision.weight
+    optimizer = sum(state_bytes(setup.optimizer, s, precision.state) for s in shapes)
+    optimizer += n_trainable * precision.master
+    persistent = weights + optimizer
+
+    logits = graph.outputs[0]
+    logits_bytes = ctx.nbytes(logits)
+    trains = any(analysis.runs_backward)
+    saved = collect_saved(analysis, ctx, plan, setup) if trains else {}
+    if trains:   # cross-entropy keeps log_softmax(logits), fp32 under autocast
+        log_softmax = logits_bytes // precision.activation * (4 if precision.mixed else precision.activation)
+        saved["loss:log_softmax"] = _Saved(log_softmax, len(graph.nodes))
+    layer_items, layer_keys = _checkpointed(analysis, saved) if setup.checkpointing else ({}, set())
+    held_at_start = sum(item.n_bytes for key, item in saved.items() if key not in layer_keys)
+    if setup.checkpointing:
+        held_at_start += _layer_inputs(analysis, ctx)
+    activations = held_at_start + logits_bytes
+
+    forward_peak = persistent + activations
+    if not trains:
+        return MemoryBytes(weights, 0, optimizer, 0, forward_peak + _largest_activation(ctx), "forward")
+    backward_peak = _simulate_backward(analysis, ctx, saved, layer_items, layer_keys,
+                                       persistent + logits_bytes, held_at_start)
+    optimizer_peak = persistent + logits_bytes + gradients + step_temporaries(
+        setup.optimizer, setup.optimizer_impl, shapes, precision.state)
+    phases = {"forward": forward_peak, "backward": backward_peak, "optimizer": optimizer_peak}
+    phase = max(phases, key=phases.get)
+    return MemoryBytes(weights, gradients, optimizer, activations, phases[phase], phase)
+
+
+def _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, base, held_at_start) -> int:
+    graph = analysis.model.graph
+    grads_at = _grads_at(analysis, ctx.precision)
+    released: dict[int, int] = {}
+    for key, item in saved.items():
+        if key not in layer_keys:
+            released[item.release] = released.get(item.release, 0) + item.n_bytes
+    live = held_at_start
+    grad_logits = ctx.nbytes(graph.outputs[0])
+    peak = base + live + 2 * grad_logits          # nll_loss and log_softmax gradients together
+    live -= saved["loss:log_softmax"].n_bytes
+    grads = 0
+    entered: set[int] = set()
+    for index in range(len(graph.nodes) - 1, -1, -1):
+        if not analysis.runs_backward[index]:
+            continue
+        layer = analysis.model.roles.node_layers[index]
+        if layer_items and layer is not None and layer not in entered:
+            entered.add(layer)       # checkpointing: the layer's forward runs again here
+            live += sum(item.n_bytes for item in layer_items.get(layer, ()))
+            for item in layer_items.get(layer, ()):
+                released[item.release] = released.get(item.release, 0) + item.n_bytes
+        grads += grads_at.get(index, 0)
+        peak = max(peak, base + live + grads + _transient(ctx, graph.nodes[index]))
+        live -= released.get(index, 0)
+    return peak
+
+
+def _checkpointed(analysis: StepAnalysis, saved: dict) -> tuple[dict[int, list], set[str]]:
+    """Saved storages made inside a layer: with checkpointing they exist only while that
+    layer's backward runs (after recomputing its forward). Returns (layer -> items, keys)."""
+    by_layer: dict[int, list] = {}
+    keys: set[str] = set()
+    node_layers = analysis.model.roles.node_layers
+    for key, item in saved.items():
+        layer = node_layers[item.release] if item.release < len(node_layers) else None
+        if layer is not None:
+            by_layer.setdefault(layer, []).append(item)
+            keys.add(key)
+    return by_layer, keys
+
+
+def _layer_inputs(analysis: StepAnalysis, ctx: _Context) -> int:
+    arch = analysis.model.roles.architecture
+    tokens = analysis.bindings["batch"] * analysis.bindings["seq"]
+    return arch.layers * tokens * (arch.hidden or 0) * ctx.precision.activation
+
+
+def _largest_activation(ctx: _Context) -> int:
+    return max((ctx.nbytes(o) for n in ctx.graph.nodes for o in n.outputs if o), default=0)
