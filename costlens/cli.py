@@ -119,17 +119,20 @@ def _run_plans(model, plans: list, setup, as_json: bool) -> None:
 @click.option("--stop-grad", help="Detach outputs: attn (nothing below an attention output gets its gradient).")
 @click.option("--dropout", help="Training-time dropout after embeddings, attention probabilities, attention and "
                                 "FFN outputs (GPT-2/BERT use 0.1); the exported graph no longer shows it.")
-@click.option("--stack-ffn", help="N extra FFN sublayers after each block's FFN (not priced yet).")
+@click.option("--stack-ffn", help="N extra FFN sublayers (own norm and residual) after each block's FFN; "
+                                  "--train stacked trains only them.")
+@click.option("--stack-ffn-width", help="Width of the stacked FFN sublayers [default: the block FFN's].")
 @setup_options
 @friendly_errors
-def plan(model, train, freeze, lora, rank, alpha, lora_dropout, stop_grad, dropout, stack_ffn, as_json,
-         **setup) -> None:
+def plan(model, train, freeze, lora, rank, alpha, lora_dropout, stop_grad, dropout, stack_ffn, stack_ffn_width,
+         as_json, **setup) -> None:
     """Price one fine-tuning plan of MODEL: parameters, memory and FLOPs of a training step."""
     from costlens.api import load
     from costlens.plans import plan_from_options
 
     options = {"train": train, "freeze": freeze, "lora": lora, "rank": rank, "alpha": alpha,
-               "lora_dropout": lora_dropout, "stop_grad": stop_grad, "dropout": dropout, "stack_ffn": stack_ffn}
+               "lora_dropout": lora_dropout, "stop_grad": stop_grad, "dropout": dropout, "stack_ffn": stack_ffn,
+               "stack_ffn_width": stack_ffn_width}
     spec = ";".join(f"{key.replace('_', '-')}={value}" for key, value in options.items() if value) or "full"
     plans = [(spec, plan_from_options(spec, **options))]
     _run_plans(load(model), plans, _setup(setup), as_json)
@@ -137,20 +140,25 @@ def plan(model, train, freeze, lora, rank, alpha, lora_dropout, stop_grad, dropo
 
 @main.command()
 @click.argument("model")
+@click.option("--plans", "plans_file", type=click.Path(dir_okay=False),
+              help="A TOML file of [[plan]] tables (name plus spec, or name plus train/freeze/lora/rank/... keys).")
 @click.option("--plan", "plans", multiple=True,
               help="A plan spec, repeatable: 'NAME:key=value;key=value' with keys train, freeze, lora, rank, "
                    "alpha, stop-grad; e.g. 'moe-lora:lora=attn,router,experts;rank=attn=8,router=4,experts=4'.")
 @setup_options
 @friendly_errors
-def compare(model, plans, as_json, **setup) -> None:
+def compare(model, plans_file, plans, as_json, **setup) -> None:
     """Price several plans of MODEL side by side (default: a set that fits the model)."""
     from costlens.api import load
     from costlens.estimate import default_plans
-    from costlens.plans import parse_plan_spec
+    from costlens.plans import load_plans_file, parse_plan_spec
 
     loaded = load(model)
-    specs = list(plans) or default_plans(loaded)
-    _run_plans(loaded, [(spec, parse_plan_spec(spec)) for spec in specs], _setup(setup), as_json)
+    chosen = load_plans_file(plans_file) if plans_file else []
+    chosen += [(spec, parse_plan_spec(spec)) for spec in plans]
+    if not chosen:
+        chosen = [(spec, parse_plan_spec(spec)) for spec in default_plans(loaded)]
+    _run_plans(loaded, chosen, _setup(setup), as_json)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ count (flops.py) and the memory simulation (memory.py); parameters are counted h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
@@ -69,7 +69,7 @@ def resolve_seq(model: Model, setup: Setup) -> tuple[int, list[str]]:
 def estimate(model: Model, plan: Plan, setup: Setup | None = None) -> Estimate:
     """Parameters (counts), memory (bytes) and FLOPs (2 x MACs, matmuls only) of one step."""
     setup = check_setup(setup or Setup())
-    _refuse_unpriced(plan)
+    model = with_stacked_ffn(model, plan)
     seq, assumptions = resolve_seq(model, setup)
     analysis = analyze(model, plan, {"batch": setup.batch, "seq": seq})
     flops = count_flops(analysis, setup.checkpointing)
@@ -90,10 +90,16 @@ def step_time(flops: FlopCounts, setup: Setup) -> StepTime | None:
                     seconds_per_step(flops.step, accelerator, setup.mfu))
 
 
-def _refuse_unpriced(plan: Plan) -> None:
-    """Plan features whose costs are not modelled yet fail loudly instead of pricing as zero."""
-    if plan.stack_ffn > 0:
-        raise PlanError("--stack-ffn: not priced yet by this version of costlens")
+def with_stacked_ffn(model: Model, plan: Plan) -> Model:
+    """The model with the plan's extra FFN sublayers inserted (seed 004), roles located anew."""
+    if plan.stack_ffn <= 0:
+        if plan.stack_ffn_width:
+            raise PlanError("--stack-ffn-width needs --stack-ffn N")
+        return model
+    from costlens.roles import locate_roles
+    from costlens.stacking import stack_ffn
+    graph = stack_ffn(model.graph, model.roles, plan.stack_ffn, plan.stack_ffn_width)
+    return replace(model, graph=graph, roles=locate_roles(graph))
 
 
 def default_plans(model: Model) -> list[str]:

@@ -30,7 +30,7 @@ ROLE_SELECTORS: dict[str, tuple[Role, frozenset[str] | None]] = {
     "head": (Role.LM_HEAD, None),
     "other": (Role.OTHER, None),
 }
-SPECIAL_SELECTORS = ("all",)
+SPECIAL_SELECTORS = ("all", "stacked")
 LORA_TARGETS = ("attn", "q", "k", "v", "o", "ffn", "up", "gate", "down", "router", "experts", "shared_experts", "head")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd", "sgd-momentum", "adafactor")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
@@ -124,20 +124,31 @@ def parse_plan_spec(spec: str, default_name: str | None = None) -> Plan:
 def plan_from_options(name: str, train=None, freeze=None, lora=None, rank=None, alpha=None, lora_dropout=None,
                       stack_ffn=None, stack_ffn_width=None, stop_grad=None, dropout=None, **unknown) -> Plan:
     if unknown:
-        raise PlanError(f"plan {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise PlanError(f"plan {name!r}: unknown key(s) {', '.join(sorted(unknown))} "
+                        f"(known: {', '.join(k.replace('_', '-') for k in PLAN_KEYS)})")
     default_rank, ranks = parse_ranks(rank)
     plan = Plan(
         name=name, train=split_list(train), freeze=split_list(freeze), lora=split_list(lora),
         ranks=MappingProxyType(ranks), rank=default_rank or 8,
         alpha=float(alpha) if alpha else 16.0,
         lora_dropout=_fraction(lora_dropout, "lora-dropout"), dropout=_fraction(dropout, "dropout"),
-        stack_ffn=int(stack_ffn) if stack_ffn else 0,
+        stack_ffn=_count(stack_ffn, "stack-ffn"),
         stack_ffn_width=_positive_int(str(stack_ffn_width), "stack-ffn-width") if stack_ffn_width else None,
         stop_grad=split_list(stop_grad),
     )
-    if plan.stack_ffn < 0:
-        raise PlanError(f"plan {name!r}: stack-ffn must be >= 0")
     return plan
+
+
+def _count(text, what: str) -> int:
+    if text in (None, ""):
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise PlanError(f"--{what}: {text!r} is not a whole number") from None
+    if value < 0:
+        raise PlanError(f"--{what}: must be >= 0, got {value}")
+    return value
 
 
 def _fraction(text, what: str) -> float:
@@ -150,6 +161,47 @@ def _fraction(text, what: str) -> float:
     if not 0.0 <= value < 1.0:
         raise PlanError(f"--{what}: must be in [0, 1), got {value}")
     return value
+
+
+PLAN_KEYS = ("train", "freeze", "lora", "rank", "alpha", "lora_dropout", "stack_ffn", "stack_ffn_width",
+             "stop_grad", "dropout")
+
+
+def load_plans_file(path: str) -> list[tuple[str, Plan]]:
+    """Plans from a TOML file: ``[[plan]]`` tables with ``name`` and either ``spec`` (the
+    ``compare --plan`` syntax) or the keys train, freeze, lora, rank, alpha, lora-dropout,
+    stack-ffn, stack-ffn-width, stop-grad, dropout."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no such plans file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PlanError(f"{path}: not valid TOML: {e}") from None
+    tables = document.get("plan")
+    if not isinstance(tables, list) or not tables:
+        raise PlanError(f"{path}: expected one or more [[plan]] tables")
+    plans = []
+    for number, table in enumerate(tables, 1):
+        name = table.get("name") or f"plan{number}"
+        if "spec" in table:
+            extra = sorted(set(table) - {"name", "spec"})
+            if extra:
+                raise PlanError(f"{path}: [[plan]] {name!r}: give either spec or keys, not both ({', '.join(extra)})")
+            plans.append((str(table["spec"]), parse_plan_spec(str(table["spec"]), name)))
+            continue
+        options = {key.replace("-", "_"): str(value) if not isinstance(value, str) else value
+                   for key, value in table.items() if key != "name"}
+        unknown = sorted(set(options) - set(PLAN_KEYS))
+        if unknown:
+            raise PlanError(f"{path}: [[plan]] {name!r}: unknown key(s) {', '.join(unknown)}")
+        spec = ";".join(f"{k.replace('_', '-')}={v}" for k, v in options.items()) or "full"
+        plans.append((spec, plan_from_options(name, **options)))
+    return plans
 
 
 def check_setup(setup: Setup) -> Setup:
@@ -171,7 +223,11 @@ def select(uses: tuple[ParamUse, ...], selector: str, roles: RoleMap) -> set[str
     if selector == "all":
         return {u.key for u in uses}
     if selector == "stacked":
-        raise PlanError("'stacked' selects --stack-ffn sublayers, which this version does not price yet")
+        from costlens.stacking import STACKED_PREFIX
+        chosen = {u.key for u in uses if u.constant.startswith(STACKED_PREFIX)}
+        if not chosen:
+            raise PlanError("'stacked' selects the sublayers --stack-ffn N adds; give --stack-ffn")
+        return chosen
     match = LAYER_RANGE.match(selector)
     if match:
         first = int(match.group(1))

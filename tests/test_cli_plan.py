@@ -90,3 +90,45 @@ def test_gpu_gives_time_per_step():
 def test_unknown_gpu_is_one_line():
     result = run("plan", LLAMA, "--gpu", "tpu-v9")
     assert result.exit_code == 2 and "unknown GPU" in result.stderr
+
+
+def test_plans_file(tmp_path):
+    plans = tmp_path / "plans.toml"
+    plans.write_text('[[plan]]\nname = "r16"\nspec = "lora=attn;rank=16"\n\n'
+                     '[[plan]]\nname = "stacked"\nstack-ffn = 1\ntrain = "stacked"\n')
+    document = json.loads(run("compare", LLAMA, "--plans", str(plans), "--plan", "ffn:train=ffn", "--seq", "32",
+                              "--json").stdout)
+    assert [p["name"] for p in document["plans"]] == ["r16", "stacked", "ffn"]
+    stacked = document["plans"][1]["params"]
+    # one stacked SwiGLU sublayer per block (3*64*176 = 33792) plus its RMSNorm (64), two blocks
+    assert stacked["trainable"] == 2 * (3 * 64 * 176 + 64)
+    assert stacked["total"] == 158_016 + stacked["trainable"]
+
+
+@pytest.mark.parametrize("content, cause", [
+    ("[[plan]\nname = 1", "not valid TOML"),
+    ("[setup]\nbatch = 1\n", "[[plan]] tables"),
+    ('[[plan]]\nname = "x"\nbogus = 1\n', "unknown key(s) bogus"),
+    ('[[plan]]\nname = "x"\nspec = "train=ffn"\nlora = "attn"\n', "either spec or keys"),
+])
+def test_bad_plans_file(tmp_path, content, cause):
+    plans = tmp_path / "plans.toml"
+    plans.write_text(content)
+    result = run("compare", LLAMA, "--plans", str(plans))
+    assert result.exit_code == 2 and cause in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, cause", [
+    (["--train", "stacked"], "give --stack-ffn"),
+    (["--stack-ffn", "-1"], "must be >= 0"),
+    (["--stack-ffn-width", "32"], "needs --stack-ffn"),
+    (["--dropout", "1.5"], "[0, 1)"),
+])
+def test_bad_stacking_and_dropout(args, cause):
+    result = run("plan", LLAMA, *args)
+    assert result.exit_code == 2 and cause in result.stderr
+
+
+def test_stacking_on_post_norm_model_is_refused():
+    result = run("plan", str(FIXTURES / "bert.onnx"), "--stack-ffn", "1", "--seq", "16")
+    assert result.exit_code == 2 and "pre-norm" in result.stderr

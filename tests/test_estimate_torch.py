@@ -41,6 +41,9 @@ CASES = [
     ("bert", {}, "train=ffn", tp.FFN, None, None, False),
     ("bert", {}, "full", None, None, None, False),
     ("stacked_ffn", {}, "freeze=attn", "freeze:" + tp.ATTENTION, None, None, False),
+    # seed 004 without a new export: llama + one stacked FFN sublayer per block, only those train
+    ("llama", {"ffn_per_block": 2}, "stack-ffn=1;train=stacked", r"\.extra_(mlps|norms)\.", None, None, False),
+    ("llama", {"ffn_per_block": 3}, "stack-ffn=2", None, None, None, False),
     ("moe", {"dispatch": "sparse"}, "full", None, None, None, False),
     ("moe", {"dispatch": "sparse"}, "train=router;freeze=experts", tp.ROUTER, None, None, False),
     ("moe", {"dispatch": "sparse"}, "lora=attn,router,experts;rank=attn=8,router=4,experts=4", r"^$", MOE_LORA,
