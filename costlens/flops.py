@@ -70,6 +70,12 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
         flops = node_forward_flops(analysis, index, share)
         adapter = adapter_at.get(index)
         lora = 0
+        if adapter is not None and adapter.n_experts:
+            adapted_forward, adapted_weight_grads = _expert_tensor_adapter(analysis, index, adapter, flops)
+            forward += adapted_forward
+            backward_weight += adapted_weight_grads
+            backward_input += _input_grads(analysis, index, flops)
+            continue
         if adapter is not None:
             tokens = adapter_tokens(analysis, index, share)
             lora = costs.lora_flops(tokens, adapter.rank, adapter.d_in, adapter.d_out)
@@ -89,3 +95,23 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
             if analysis.needs(node.inputs[0]):
                 backward_input += costs.matmul_flops(tokens, adapter.rank, adapter.d_in)  # dX through A
     return FlopCounts(forward, backward_input, backward_weight, recompute)
+
+
+def _expert_tensor_adapter(analysis: StepAnalysis, index: int, adapter, flops: int) -> tuple[int, int]:
+    """(forward, backward weight) FLOPs of a matmul whose 3-D expert weight carries LoRA as PEFT's
+    ``target_parameters`` runs it: the weight is re-parametrized as W + B·A (one baddbmm over
+    the experts), evaluated once when PEFT registers the parametrization (torch checks its
+    output) and once for use; backward yields dA, dB (two baddbmm-sized products) and the
+    merged weight's gradient (one matmul-sized product)."""
+    merge = costs.merged_expert_delta_flops(adapter.n_experts, adapter.rank, adapter.d_in, adapter.d_out)
+    forward = flops + 2 * merge
+    if not analysis.runs_backward[index]:
+        return forward, 0
+    return forward, 2 * merge + flops
+
+
+def _input_grads(analysis: StepAnalysis, index: int, flops: int) -> int:
+    if not analysis.runs_backward[index]:
+        return 0
+    node = analysis.model.graph.nodes[index]
+    return sum(flops for x in node.inputs[:2] if x not in analysis.weights and analysis.needs(x))

@@ -78,7 +78,10 @@ class _Context:
         return tensor in self.analysis.weights
 
     def trains(self, node: Node) -> bool:
-        return self._index[node.name] in self.analysis.trainable_sites
+        """Its weight needs a gradient: the weight trains, or LoRA re-parametrizes it (3-D experts)."""
+        index = self._index[node.name]
+        adapter = self.analysis.adapter_at.get(index)
+        return index in self.analysis.trainable_sites or bool(adapter and adapter.n_experts)
 
     def is_silu_sigmoid(self, tensor: str) -> bool:
         return tensor in self.silu
@@ -196,10 +199,14 @@ def collect_saved(analysis: StepAnalysis, ctx: _Context, plan: Plan, setup: Setu
 
 def _lora_saved(analysis: StepAnalysis, ctx: _Context, index: int, plan: Plan) -> list:
     """PEFT: lora_B(lora_A(dropout(x))) * scale. A's matmul keeps x (or its dropped copy and
-    the mask), B's keeps x·A. Adapters on a fused 3-D expert tensor (target_parameters) build
-    each expert's full delta weight in every forward, and autograd keeps it."""
+    the mask), B's keeps x·A. An adapter on a fused 3-D expert tensor (``target_parameters``)
+    re-parametrizes the whole tensor as W + B·A in every forward: the merged full-size weight
+    is what the expert matmuls keep for their backward."""
     adapter = analysis.adapter_at[index]
     node = analysis.model.graph.nodes[index]
+    if adapter.n_experts:
+        merged = adapter.n_experts * adapter.d_in * adapter.d_out * ctx.precision.weight
+        return [Extra(f"lora_merged@{node.name}", merged)]
     x = node.inputs[0]
     x_shape = ctx.shape(x)
     share = 1.0
@@ -216,9 +223,6 @@ def _lora_saved(analysis: StepAnalysis, ctx: _Context, index: int, plan: Plan) -
         items.append(x)
     else:
         items.append(Extra(f"lora_x@{node.name}", rows * adapter.d_in * act))   # the routed tokens' copy
-    if adapter.n_experts:
-        delta = adapter.n_experts * adapter.d_in * adapter.d_out * ctx.precision.weight
-        items += [Extra(f"lora_delta@{node.name}", delta), Extra(f"lora_merged@{node.name}", delta)]
     return items
 
 

@@ -50,6 +50,9 @@ CASES = [
      {r"gate": 4, r"experts\.\d+\.\w+_proj": 4}, False),
     ("moe_fused", {"dispatch": "sparse"}, "full", None, None, None, False),
     ("moe_fused", {"dispatch": "sparse"}, "freeze=experts", "freeze:" + tp.EXPERTS, None, None, False),
+    # LoRA on fused 3-D expert tensors: PEFT's target_parameters, one adapter per expert
+    ("moe_fused", {"dispatch": "sparse"}, "lora=experts;rank=8", r"^$", ["mlp.gate_up_proj", "mlp.down_proj"],
+     None, False),
 ]
 FACTORIES = {"llama": models.llama_like, "gpt2": models.gpt2_like, "bert": models.bert_like,
              "stacked_ffn": models.stacked_ffn_like, "moe": models.moe_like, "moe_fused": models.moe_fused_like}

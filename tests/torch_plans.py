@@ -20,13 +20,16 @@ def set_trainable(module: torch.nn.Module, pattern: str | None) -> None:
         param.requires_grad_(pattern is None or re.search(pattern, name) is not None)
 
 
-def add_lora(module: torch.nn.Module, target_regex: str, rank: int, rank_pattern: dict | None = None):
-    """PEFT LoRA on modules whose full name matches; trains only the adapters unless
-    ``modules_to_save``-style flags were set before (PEFT freezes the base)."""
+def add_lora(module: torch.nn.Module, target_regex: str | list, rank: int, rank_pattern: dict | None = None):
+    """PEFT LoRA on modules whose full name matches (a regex), or on parameters (a list:
+    PEFT's ``target_parameters``, for 3-D expert tensors). PEFT freezes the base; base
+    weights the plan also trains keep training."""
     from peft import LoraConfig, get_peft_model
     keep = {name for name, p in module.named_parameters() if p.requires_grad}
-    config = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0, target_modules=target_regex, bias="none",
-                        rank_pattern=rank_pattern or {})
+    targets = {"target_modules": [], "target_parameters": target_regex} if isinstance(target_regex, list) \
+        else {"target_modules": target_regex}
+    config = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0, bias="none", rank_pattern=rank_pattern or {},
+                        **targets)
     wrapped = get_peft_model(module, config)
     for name, param in wrapped.base_model.model.named_parameters():
         if name in keep:            # base weights the plan also trains (e.g. the router)

@@ -42,3 +42,8 @@ def attention_core_flops(batch: int, heads: int, q_len: int, kv_len: int, head_d
 def routed_expert_flops(tokens: int, top_k: int, per_expert_weight_elements: int) -> int:
     # each token runs k experts; each expert matrix costs 2 FLOPs per weight element per token
     return 2 * tokens * top_k * per_expert_weight_elements
+
+
+def merged_expert_delta_flops(n_experts: int, rank: int, d_in: int, d_out: int) -> int:
+    # W + B·A per expert as one baddbmm: [E, out, r] @ [E, r, in] -> [E, out, in]
+    return matmul_flops(n_experts * d_out, rank, d_in)
