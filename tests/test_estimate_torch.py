@@ -98,3 +98,28 @@ def test_backward_is_twice_forward_only_when_everything_trains(onnx_models):
     for spec in ("freeze=attn", "train=ffn", "lora=attn", "train=ffn;stop-grad=attn"):
         partial = estimate(onnx_models("llama"), parse_plan_spec(spec), setup)
         assert partial.flops.backward < 2 * partial.flops.forward, spec
+
+
+DEFAULT_PLAN_FIXTURES = ["gpt2", "llama", "moe", "moe_fused", "stacked_ffn", "bert"]
+
+
+def _default_cases():
+    cases = []
+    for fixture in DEFAULT_PLAN_FIXTURES:
+        for spec in costlens.default_plans(costlens.load(FIXTURES / f"{fixture}.onnx")):
+            cases.append((fixture, spec))
+    return cases
+
+
+@pytest.mark.parametrize("fixture, spec", _default_cases(), ids=lambda v: str(v).split(":")[0])
+def test_every_default_plan_matches_a_real_step(onnx_models, fixture, spec):
+    """Issue 3: trainable parameters exact and FLOPs within 1% for every fixture x default plan."""
+    plan = parse_plan_spec(spec)
+    kwargs = {"dispatch": "sparse"} if fixture.startswith("moe") else {}
+    recipe = tp.default_plan_recipe(plan.name, fused_experts=fixture == "moe_fused")
+    module = tp.apply_recipe(FACTORIES[fixture](**kwargs), **recipe)
+    measured_forward, measured_total = tp.step_flops(module, BATCH, SEQ, VOCAB)
+    result = estimate(onnx_models(fixture), plan, Setup(batch=BATCH, seq=SEQ))
+    assert result.params.trainable == tp.trainable_count(module)
+    assert result.flops.forward == pytest.approx(measured_forward, rel=0.01)
+    assert result.flops.forward + result.flops.backward == pytest.approx(measured_total, rel=0.01)

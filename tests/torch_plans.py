@@ -56,3 +56,51 @@ def step_flops(module: torch.nn.Module, batch: int, seq: int, vocab: int) -> tup
 
 def trainable_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# How a user writes each of costlens's default plans for the fixture modules (fixtures/models.py).
+ATTN_MODULES = r".*(self_attn|attention)\.(q_proj|k_proj|v_proj|o_proj|c_attn|c_proj)"
+FFN_MODULES = r".*(mlp|extra_mlps\.\d+)\.(gate_proj|up_proj|down_proj|c_fc|c_proj)"
+ROUTER_MODULES = r".*mlp\.gate"
+EXPERT_MODULES = r".*mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)"
+EXPERT_PARAMETERS = ["mlp.gate_up_proj", "mlp.down_proj"]
+
+
+def default_plan_recipe(plan_name: str, fused_experts: bool) -> dict:
+    """Keyword arguments of ``apply_recipe`` for one default plan."""
+    none = r"^$"
+    recipes = {
+        "full": {"train": None},
+        "freeze-attn": {"freeze": ATTENTION},
+        "ffn-only": {"train": FFN},
+        "experts-only": {"train": EXPERTS},
+        "router-only": {"train": ROUTER},
+        "lora-attn-r8": {"train": none, "modules": ATTN_MODULES, "rank": 8},
+        "lora-attn-ffn-r8": {"train": none, "modules": f"({ATTN_MODULES}|{FFN_MODULES})", "rank": 8},
+    }
+    if plan_name == "lora-attn-router-experts":
+        if fused_experts:   # PEFT target_parameters; its rank_pattern keys on the parameter name
+            return {"train": none, "modules": f"({ATTN_MODULES}|{ROUTER_MODULES})", "parameters": EXPERT_PARAMETERS,
+                    "rank": 8, "rank_pattern": {"gate": 4, "gate_up_proj": 4, "down_proj": 4}}
+        return {"train": none, "modules": f"({ATTN_MODULES}|{ROUTER_MODULES}|{EXPERT_MODULES})", "rank": 8,
+                "rank_pattern": {"gate": 4, r"experts\.\d+\.\w+_proj": 4}}
+    return recipes[plan_name]
+
+
+def apply_recipe(module, train=None, freeze=None, modules=None, parameters=None, rank=8, rank_pattern=None):
+    if freeze is not None:
+        for name, param in module.named_parameters():
+            param.requires_grad_(re.search(freeze, name) is None)
+    else:
+        set_trainable(module, train)
+    if modules is None and parameters is None:
+        return module
+    from peft import LoraConfig, get_peft_model
+    keep = {name for name, p in module.named_parameters() if p.requires_grad}
+    config = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0, bias="none", rank_pattern=rank_pattern or {},
+                        target_modules=modules or [], target_parameters=parameters or [])
+    wrapped = get_peft_model(module, config)
+    for name, param in wrapped.base_model.model.named_parameters():
+        if name in keep:
+            param.requires_grad_(True)
+    return wrapped
