@@ -97,13 +97,16 @@ def _setup(options: dict):
     return Setup(**values)
 
 
-def _run_plans(model, plans: list, setup, as_json: bool) -> None:
+def _run_plans(model, plans: list, setup, as_json: bool, html_path: str | None = None) -> None:
     """model: a loaded Model; plans: (spec text, Plan) pairs."""
     from costlens.estimate import estimate
     from costlens.render.plan import plan_document, plan_text
 
     results = [(spec, estimate(model, plan, setup)) for spec, plan in plans]
     document = plan_document(model, results)
+    if html_path:
+        from costlens.cli_ci import write_html
+        write_html(document, html_path)
     click.echo(json.dumps(document, indent=2) if as_json else plan_text(document))
 
 
@@ -145,9 +148,11 @@ def plan(model, train, freeze, lora, rank, alpha, lora_dropout, stop_grad, dropo
 @click.option("--plan", "plans", multiple=True,
               help="A plan spec, repeatable: 'NAME:key=value;key=value' with keys train, freeze, lora, rank, "
                    "alpha, stop-grad; e.g. 'moe-lora:lora=attn,router,experts;rank=attn=8,router=4,experts=4'.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write a self-contained HTML report to this file.")
 @setup_options
 @friendly_errors
-def compare(model, plans_file, plans, as_json, **setup) -> None:
+def compare(model, plans_file, plans, html_path, as_json, **setup) -> None:
     """Price several plans of MODEL side by side (default: a set that fits the model)."""
     from costlens.api import load
     from costlens.estimate import default_plans
@@ -158,8 +163,12 @@ def compare(model, plans_file, plans, as_json, **setup) -> None:
     chosen += [(spec, parse_plan_spec(spec)) for spec in plans]
     if not chosen:
         chosen = [(spec, parse_plan_spec(spec)) for spec in default_plans(loaded)]
-    _run_plans(loaded, chosen, _setup(setup), as_json)
+    _run_plans(loaded, chosen, _setup(setup), as_json, html_path)
 
+
+from costlens.cli_ci import register  # noqa: E402  (cli_ci never imports cli)
+
+register(main)
 
 if __name__ == "__main__":
     main()

@@ -77,8 +77,16 @@ def estimate(model: Model, plan: Plan, setup: Setup | None = None) -> Estimate:
         plan=plan, setup=setup, batch=setup.batch, seq=seq,
         params=_count_params(analysis), memory=estimate_memory(analysis, plan, setup), flops=flops,
         time=step_time(flops, setup), assumptions=tuple(assumptions + _assumptions(analysis, setup)),
-        unsupported_ops=model.unknown_ops,
+        unsupported_ops=_unsupported(model, flops),
     )
+
+
+def _unsupported(model: Model, flops: FlopCounts) -> Mapping[str, int]:
+    """Ops without a rule, and ops whose cost could not be evaluated: the result is incomplete."""
+    counts = dict(model.unknown_ops)
+    for op in flops.unpriced:
+        counts[op] = counts.get(op, 0) + 1
+    return MappingProxyType(counts)
 
 
 def step_time(flops: FlopCounts, setup: Setup) -> StepTime | None:
@@ -139,7 +147,7 @@ def _assumptions(analysis: StepAnalysis, setup: Setup) -> list[str]:
              f"optimizer {setup.optimizer} ({setup.optimizer_impl}), precision {setup.precision}, "
              f"{setup.attention} attention" + (", activation checkpointing" if setup.checkpointing else ""),
              "steady state (second step): optimizer state exists, gradients freed by zero_grad(set_to_none=True); "
-             "the training loop holds the logits until the step ends"]
+             "the training loop keeps the loss, not the logits (as the Hugging Face Trainer)"]
     if analysis.model.roles.routers:
         notes.append("experts run only on routed tokens: each expert matmul is priced at k/E of the tokens")
     if setup.precision.endswith("mixed"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from costlens.gradients import StepAnalysis
 from costlens.ops import costs
+from costlens.ops.registry import Family, lookup
 from costlens.roles.types import Role
 from costlens.shapes import eval_shape, numel
 
@@ -22,6 +23,7 @@ class FlopCounts:
     backward_input: int
     backward_weight: int
     recompute: int = 0
+    unpriced: tuple[str, ...] = ()      # ops whose FLOPs could not be priced (shapes unknown)
 
     @property
     def backward(self) -> int:
@@ -45,15 +47,45 @@ def expert_token_share(analysis: StepAnalysis) -> dict[int, float]:
     return share
 
 
-def node_forward_flops(analysis: StepAnalysis, index: int, share: dict[int, float]) -> int:
+def node_forward_flops(analysis: StepAnalysis, index: int, share: dict[int, float]) -> int | None:
+    """Forward FLOPs of one node; None when it multiplies matrices but its shapes are unknown."""
     graph = analysis.model.graph
     node = graph.nodes[index]
+    family = lookup(node.op).family if lookup(node.op) else None
+    if family is Family.FUSED_ATTENTION:
+        return _fused_attention_flops(analysis, index)
+    if family is Family.FUSED_MOE:
+        return _fused_moe_flops(analysis, index)
     if node.op not in ("MatMul", "Gemm"):
         return 0
     a_shape = eval_shape(graph.shape(node.inputs[0]), analysis.bindings)
     out_shape = eval_shape(graph.shape(node.outputs[0]), analysis.bindings)
     flops = costs.node_matmul_flops(node, a_shape, out_shape)
-    return 0 if flops is None else round(flops * share.get(index, 1.0))
+    return None if flops is None else round(flops * share.get(index, 1.0))
+
+
+def _fused_attention_flops(analysis: StepAnalysis, index: int) -> int | None:
+    block = next((b for b in analysis.model.roles.attentions if b.score_node == index), None)
+    if block is None:
+        return 0      # e.g. a standalone rotary-embedding op: no matrix product
+    if not block.heads or not block.head_dim:
+        return None
+    batch, seq = analysis.bindings["batch"], analysis.bindings["seq"]
+    return costs.attention_core_flops(batch, block.heads, seq, seq, block.head_dim)
+
+
+def _fused_moe_flops(analysis: StepAnalysis, index: int) -> int | None:
+    """com.microsoft.MoE: every token runs k experts through fc1 (and fc3) and fc2."""
+    graph = analysis.model.graph
+    node = graph.nodes[index]
+    x_shape = eval_shape(graph.shape(node.inputs[0]), analysis.bindings)
+    weights = [graph.constants[w] for w in node.inputs[2:] if w in graph.constants and len(graph.constants[w].shape) == 3]
+    top_k = node.attr("k")
+    if not x_shape or not weights or not top_k:
+        return None
+    tokens = numel(x_shape) // x_shape[-1]
+    per_expert = sum(w.n_elements // w.shape[0] for w in weights)
+    return costs.routed_expert_flops(tokens, top_k, per_expert)
 
 
 def adapter_tokens(analysis: StepAnalysis, index: int, share: dict[int, float]) -> int:
@@ -66,8 +98,12 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
     share = expert_token_share(analysis)
     adapter_at = analysis.adapter_at
     forward = backward_input = backward_weight = recompute = 0
+    unpriced: list[str] = []
     for index, node in enumerate(graph.nodes):
         flops = node_forward_flops(analysis, index, share)
+        if flops is None:
+            unpriced.append(node.op)
+            continue
         adapter = adapter_at.get(index)
         lora = 0
         if adapter is not None and adapter.n_experts:
@@ -84,7 +120,7 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
             continue
         if checkpointing and analysis.model.roles.node_layers[index] is not None:
             recompute += flops + lora
-        for operand in node.inputs[:2] if flops else ():
+        for operand in _operands(node) if flops else ():
             if operand in analysis.weights:
                 backward_weight += flops if index in analysis.trainable_sites else 0
             elif analysis.needs(operand):
@@ -94,7 +130,19 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
             backward_input += costs.matmul_flops(tokens, adapter.d_out, adapter.rank)  # d(xA)
             if analysis.needs(node.inputs[0]):
                 backward_input += costs.matmul_flops(tokens, adapter.rank, adapter.d_in)  # dX through A
-    return FlopCounts(forward, backward_input, backward_weight, recompute)
+    return FlopCounts(forward, backward_input, backward_weight, recompute, tuple(unpriced))
+
+
+def _operands(node) -> tuple[str, ...]:
+    """The inputs whose gradients each cost one forward's worth of FLOPs."""
+    family = lookup(node.op).family if lookup(node.op) else None
+    if family is Family.FUSED_ATTENTION:
+        # q, k, v (packed or separate): dQ, dK, dV together cost two forwards (4 products)
+        data = [x for x in node.inputs[:3] if x]
+        return (data[0], data[0]) if data else ()
+    if family is Family.FUSED_MOE:
+        return (node.inputs[0], next((w for w in node.inputs[2:] if w), ""))
+    return node.inputs[:2]
 
 
 def _expert_tensor_adapter(analysis: StepAnalysis, index: int, adapter, flops: int) -> tuple[int, int]:

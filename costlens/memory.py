@@ -2,8 +2,8 @@
 
 Persistent: weights, optimizer state (and fp32 master weights under mixed precision).
 Activations: the storages autograd saves for backward (ops/saved.py), each storage counted
-once (views share their base's storage), plus the logits the training loop holds and the
-loss's log-softmax. The peak is simulated phase by phase (DESIGN.md §2.8): the end of the
+once (views share their base's storage), and the loss's log-softmax. The training loop is
+taken to keep only the loss (as the Hugging Face Trainer does), not the logits. The peak is simulated phase by phase (DESIGN.md §2.8): the end of the
 forward; backward in reverse order, saved storages released after the last node that needs
 them while weight gradients appear; the optimizer step with its temporaries. Gradients are
 freed by ``zero_grad(set_to_none=True)`` before each forward.
@@ -319,14 +319,13 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
     held_at_start = sum(item.n_bytes for key, item in saved.items() if key not in layer_keys)
     if setup.checkpointing:
         held_at_start += _layer_inputs(analysis, ctx)
-    activations = held_at_start + logits_bytes
+    activations = held_at_start
 
-    forward_peak = persistent + activations
+    forward_peak = persistent + activations + logits_bytes     # the logits live until the loss is taken
     if not trains:
         return MemoryBytes(weights, 0, optimizer, 0, forward_peak + _largest_activation(ctx), "forward")
-    backward_peak = _simulate_backward(analysis, ctx, saved, layer_items, layer_keys,
-                                       persistent + logits_bytes, held_at_start)
-    optimizer_peak = persistent + logits_bytes + gradients + step_temporaries(
+    backward_peak = _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, persistent, held_at_start)
+    optimizer_peak = persistent + gradients + step_temporaries(
         setup.optimizer, setup.optimizer_impl, shapes, precision.state)
     phases = {"forward": forward_peak, "backward": backward_peak, "optimizer": optimizer_peak}
     phase = max(phases, key=phases.get)

@@ -38,11 +38,13 @@ def state_bytes(optimizer: str, shape: tuple[int, ...], state_dtype_bytes: int) 
 
 
 def step_temporaries(optimizer: str, impl: str, trainable_shapes: list[tuple[int, ...]], dtype_bytes: int) -> int:
-    """Peak extra bytes inside optimizer.step().
+    """Peak extra bytes inside optimizer.step(), for parameters in the order the optimizer
+    visits them.
 
-    The for-loop AdamW builds ``denom = exp_avg_sq.sqrt() / bc + eps`` for one parameter at a
-    time; the foreach form builds it for every parameter at once (one list of temporaries
-    shaped like all trainable parameters). SGD steps in place."""
+    The for-loop AdamW builds ``exp_avg_sq.sqrt()`` and its quotient (two temporaries of the
+    parameter's size) while the previous parameter's ``denom`` is still bound; the foreach form
+    builds the sqrt list for every parameter at once (one copy of all trainable parameters).
+    SGD steps in place."""
     if optimizer in ("sgd", "sgd-momentum") or not trainable_shapes:
         return 0
     sizes = []
@@ -51,4 +53,6 @@ def step_temporaries(optimizer: str, impl: str, trainable_shapes: list[tuple[int
         for dim in shape:
             n *= dim
         sizes.append(n * dtype_bytes)
-    return sum(sizes) if impl == "foreach" else max(sizes)
+    if impl == "foreach":
+        return sum(sizes)
+    return max(2 * size + (sizes[i - 1] if i else 0) for i, size in enumerate(sizes))

@@ -24,11 +24,21 @@ def format_value(limit: Limit, value: float) -> str:
         return units.params(round(value))
     if limit is Limit.STEP_FLOPS:
         return units.flops(round(value))
-    return f"{value * 1e3:.3g} ms" if abs(value) < 1 else f"{value:.3g} s"
+    return seconds(value)
+
+
+def seconds(value: float) -> str:
+    """A duration in the unit that keeps it readable: 120 ns, 3.4 ms, 1.2 s, 2.5 min, 3.1 h."""
+    for scale, suffix in ((3600, "h"), (60, "min"), (1, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {suffix}"
+    return f"{value / 1e-9:.3g} ns"
 
 
 def _by_how_much(verdict: Verdict) -> str:
-    share = f" ({verdict.excess_fraction:+.1%})" if verdict.excess_fraction is not None else ""
+    """The distance to the limit and its share of the limit: '58.02K (+58.0%)' over, '1.2 GiB (12.0%)' under."""
+    fraction = verdict.excess_fraction
+    share = "" if fraction is None else f" ({fraction:+.1%})" if not verdict.passed else f" ({-fraction:.1%})"
     return f"{format_value(verdict.limit, abs(verdict.excess))}{share}"
 
 

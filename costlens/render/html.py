@@ -10,15 +10,16 @@ text; undefined template variables are errors (StrictUndefined).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
 from costlens import gpus
 from costlens.budgets import Verdict
+from costlens.plans import Setup
 from costlens.render import units
-from costlens.render.check import format_value, verdict_line
+from costlens.render.check import format_value, seconds, verdict_line
 from costlens.render.inspect import _architecture_line
 
 # The templates live inside the package (costlens/templates/) so that an installed costlens
@@ -75,6 +76,7 @@ class Chart:
     ticks: tuple[tuple[float, str], ...]
     line_x: float | None = None        # the GPU's memory
     line_label: str = ""
+    line_off_scale: bool = False       # the GPU is far larger than every plan: a label, no line
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,6 @@ class Report:
     incomplete: bool
     verdicts: tuple[tuple[str, ...], ...]             # plan, limit, value, maximum, written, status, line
     n_failed: int
-    notes: tuple[str, ...] = field(default=())
 
 
 def report_view(document: dict, verdicts: tuple[Verdict, ...] = (), gpu: str | None = None) -> Report:
@@ -165,22 +166,24 @@ def report_view(document: dict, verdicts: tuple[Verdict, ...] = (), gpu: str | N
 
 def _setup_items(setup: dict, accelerator) -> tuple[tuple[str, str], ...]:
     keys = ("batch", "seq", "optimizer", "optimizer_impl", "precision", "attention", "checkpointing", "mfu")
-    items = [(key, NA if setup.get(key) is None else str(setup[key])) for key in keys]
-    gpu = setup.get("gpu") or (accelerator.name if accelerator else None)
-    if accelerator:
-        gpu = f"{accelerator.name} ({units.nbytes(accelerator.memory_bytes)}, " \
-              f"{accelerator.peak_flops / 1e12:g} TFLOP/s dense bf16)"
-    return tuple(items) + (("gpu", gpu or NA),)
+    items = [(key, NA if setup.get(key) is None else _text(setup[key])) for key in keys]
+    gpu = NA if accelerator is None else (f"{accelerator.name} ({units.nbytes(accelerator.memory_bytes)}, "
+                                          f"{accelerator.peak_flops / 1e12:g} TFLOP/s dense bf16)")
+    return (*items, ("gpu", gpu))
+
+
+def _text(value) -> str:
+    return ("yes" if value else "no") if isinstance(value, bool) else str(value)
 
 
 def _seconds(plan: dict, setup: dict, accelerator) -> str:
     time = plan.get("time") or {}
     if time.get("seconds_per_step") is not None:
-        return f"{time['seconds_per_step']:.3g} s"
+        return seconds(time["seconds_per_step"])
     if accelerator is None:
         return NA
-    mfu = setup.get("mfu") or 0.4
-    return f"{gpus.seconds_per_step(plan['flops']['step'], accelerator, mfu):.3g} s (at {mfu:.0%} MFU)"
+    mfu = setup.get("mfu") or Setup.mfu          # the estimator's default utilization
+    return f"{seconds(gpus.seconds_per_step(plan['flops']['step'], accelerator, mfu))} (at {mfu:.0%} MFU)"
 
 
 def _plan_row(plan: dict, setup: dict, accelerator, failed: set, judged: set) -> PlanRow:
@@ -224,10 +227,14 @@ def _ticks(scale: float, fmt) -> tuple[tuple[float, str], ...]:
 
 
 def _memory_chart(plans: list[dict], accelerator) -> Chart | None:
+    """Stacked steady parts and the step peak per plan, against the GPU's memory. A GPU more
+    than twice the largest plan would squash the bars: its line is then marked off scale."""
     if not all((p.get("memory_bytes") or {}).get("peak") is not None for p in plans):
         return None
     totals = [max(sum(p["memory_bytes"].get(k, 0) for k, _ in MEMORY_PARTS), p["memory_bytes"]["peak"]) for p in plans]
-    scale = max(totals + [accelerator.memory_bytes if accelerator else 0]) * 1.05 or 1
+    gpu_bytes = accelerator.memory_bytes if accelerator else 0
+    on_scale = gpu_bytes <= 2 * max(totals)
+    scale = max(totals + [gpu_bytes if on_scale else 0]) * 1.05 or 1
     span = CHART_WIDTH - LABEL_WIDTH - 110
     bars = []
     for bar, plan in zip(_bars(plans, MEMORY_PARTS, lambda p: p["memory_bytes"], scale, units.nbytes), plans):
@@ -235,10 +242,14 @@ def _memory_chart(plans: list[dict], accelerator) -> Chart | None:
         peak_x = round(LABEL_WIDTH + span * peak / scale, 1)
         bars.append(Bar(bar.label, bar.y, bar.segments, f"peak {units.nbytes(peak)}", max(bar.total_x, peak_x + 6), peak_x,
                         f"{plan['name']}: step peak {units.nbytes(peak)} ({plan.get('peak_phase') or NA})"))
-    line_x = round(LABEL_WIDTH + span * accelerator.memory_bytes / scale, 1) if accelerator else None
+    line_x, line_label = None, ""
+    if accelerator:
+        line_label = f"{accelerator.name} {units.nbytes(accelerator.memory_bytes)}"
+        line_x = round(LABEL_WIDTH + span * gpu_bytes / scale, 1) if on_scale else float(CHART_WIDTH - 4)
+        if not on_scale:
+            line_label += f" (off scale: {gpu_bytes / max(totals):.0f}x the largest plan) \u2192"
     return Chart(CHART_WIDTH, TOP + len(plans) * (BAR_HEIGHT + BAR_GAP) + 30, LABEL_WIDTH, tuple(bars),
-                 tuple(MEMORY_PARTS), _ticks(scale, units.nbytes), line_x,
-                 f"{accelerator.name} {units.nbytes(accelerator.memory_bytes)}" if accelerator else "")
+                 tuple(MEMORY_PARTS), _ticks(scale, units.nbytes), line_x, line_label, not on_scale)
 
 
 def _flops_chart(plans: list[dict]) -> Chart:

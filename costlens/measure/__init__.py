@@ -1,0 +1,1 @@
+"""Measuring a real training step: exact live tensor-storage accounting and step measurements."""
