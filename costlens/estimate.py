@@ -50,6 +50,9 @@ class Estimate:
     time: StepTime | None = None
     assumptions: tuple[str, ...] = ()
     unsupported_ops: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    trainable_keys: tuple[str, ...] = ()        # parameter uses whose base weights train
+    adapters: tuple[Adapter, ...] = ()
+    model: Model | None = None                  # the model priced (with stacked sublayers, if any)
 
 
 def resolve_seq(model: Model, setup: Setup) -> tuple[int, list[str]]:
@@ -77,7 +80,8 @@ def estimate(model: Model, plan: Plan, setup: Setup | None = None) -> Estimate:
         plan=plan, setup=setup, batch=setup.batch, seq=seq,
         params=_count_params(analysis), memory=estimate_memory(analysis, plan, setup), flops=flops,
         time=step_time(flops, setup), assumptions=tuple(assumptions + _assumptions(analysis, setup)),
-        unsupported_ops=_unsupported(model, flops),
+        unsupported_ops=_unsupported(model, flops), trainable_keys=tuple(sorted(analysis.trainable)),
+        adapters=analysis.adapters, model=model,
     )
 
 

@@ -36,6 +36,7 @@ class MemoryBytes:
     activations: int
     peak: int
     peak_phase: str
+    activations_by_layer: tuple[tuple[int | None, int], ...] = ()   # (layer or None outside blocks, bytes)
 
 
 @dataclass(frozen=True)
@@ -329,7 +330,18 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
         setup.optimizer, setup.optimizer_impl, shapes, precision.state)
     phases = {"forward": forward_peak, "backward": backward_peak, "optimizer": optimizer_peak}
     phase = max(phases, key=phases.get)
-    return MemoryBytes(weights, gradients, optimizer, activations, phases[phase], phase)
+    return MemoryBytes(weights, gradients, optimizer, activations, phases[phase], phase,
+                       _by_layer(analysis, saved))
+
+
+def _by_layer(analysis: StepAnalysis, saved: dict) -> tuple[tuple[int | None, int], ...]:
+    """Saved bytes attributed to the layer of the node whose backward last needs them."""
+    node_layers = analysis.model.roles.node_layers
+    totals: dict[int | None, int] = {}
+    for item in saved.values():
+        layer = node_layers[item.release] if item.release < len(node_layers) else None
+        totals[layer] = totals.get(layer, 0) + item.n_bytes
+    return tuple(sorted(totals.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
 
 
 def _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, base, held_at_start) -> int:

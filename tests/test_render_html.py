@@ -112,7 +112,7 @@ def test_fields_a_document_lacks_render_as_na(loaded):
     document = compare_document(loaded, "llama")
     document["setup"] = {"batch": 1, "seq": 64}
     for plan in document["plans"]:
-        for key in ("memory_bytes", "peak_phase", "time"):
+        for key in ("memory_bytes", "peak_phase", "time", "layers"):
             plan.pop(key, None)
     html = render_html(document)
     text = text_of(html)

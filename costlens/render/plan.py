@@ -14,7 +14,27 @@ from costlens.render import units
 PLAN_SCHEMA = "costlens.plan/1"
 
 
-def _plan_entry(result: Estimate, spec: str) -> dict:
+def _layers(result: Estimate, model: Model) -> list[dict]:
+    """Per layer (None: outside the blocks): which tensors train, which carry LoRA, saved bytes."""
+    trainable = set(result.trainable_keys)
+    adapted = {a.key for a in result.adapters}
+    activation = dict(result.memory.activations_by_layer)
+    layers = sorted({u.layer for u in model.roles.params}, key=lambda l: (l is None, l or 0))
+    entries = []
+    for layer in layers:
+        uses = [u for u in model.roles.params if u.layer == layer]
+        entries.append({
+            "layer": layer,
+            "trainable": [u.key for u in uses if u.key in trainable],
+            "adapters": [u.key for u in uses if u.key in adapted],
+            "trainable_params": sum(u.n_params for u in uses if u.key in trainable)
+            + sum(a.n_params for a in result.adapters if a.key in {u.key for u in uses}),
+            "activation_bytes": activation.get(layer, 0),
+        })
+    return entries
+
+
+def _plan_entry(result: Estimate, spec: str, model: Model) -> dict:
     params, flops, memory = result.params, result.flops, result.memory
     tokens = result.batch * result.seq
     return {
@@ -33,6 +53,7 @@ def _plan_entry(result: Estimate, spec: str) -> dict:
         "time": None if result.time is None else {
             "gpu": result.time.gpu, "peak_flops": result.time.peak_flops, "mfu": result.time.mfu,
             "seconds_per_step": result.time.seconds_per_step},
+        "layers": _layers(result, model),
         "assumptions": list(result.assumptions),
         "unsupported_ops": dict(result.unsupported_ops),
     }
@@ -49,7 +70,7 @@ def plan_document(model: Model, results: list[tuple[str, Estimate]]) -> dict:
                   "optimizer_impl": first.setup.optimizer_impl, "precision": first.setup.precision,
                   "attention": first.setup.attention, "checkpointing": first.setup.checkpointing,
                   "gpu": first.setup.gpu, "mfu": first.setup.mfu},
-        "plans": [_plan_entry(result, spec) for spec, result in results],
+        "plans": [_plan_entry(result, spec, result.model or model) for spec, result in results],
     }
 
 
