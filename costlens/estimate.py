@@ -74,7 +74,7 @@ def estimate(model: Model, plan: Plan, setup: Setup | None = None) -> Estimate:
     setup = check_setup(setup or Setup())
     model = with_stacked_ffn(model, plan)
     seq, assumptions = resolve_seq(model, setup)
-    analysis = analyze(model, plan, {"batch": setup.batch, "seq": seq})
+    analysis = analyze(model, plan, {"batch": setup.batch, "seq": seq}, routed=setup.moe_dispatch == "routed")
     flops = count_flops(analysis, setup.checkpointing)
     return Estimate(
         plan=plan, setup=setup, batch=setup.batch, seq=seq,

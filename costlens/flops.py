@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from costlens.gradients import StepAnalysis
 from costlens.ops import costs
 from costlens.ops.registry import Family, lookup
-from costlens.roles.types import Role
 from costlens.shapes import eval_shape, numel
 
 
@@ -32,19 +31,6 @@ class FlopCounts:
     @property
     def step(self) -> int:
         return self.forward + self.backward + self.recompute
-
-
-def expert_token_share(analysis: StepAnalysis) -> dict[int, float]:
-    """Per node: the share of tokens a dense-form expert matmul really processes (k / E)."""
-    model = analysis.model
-    routers = {r.layer: r for r in model.roles.routers}
-    index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
-    share = {}
-    for use in model.roles.params:
-        router = routers.get(use.layer)
-        if use.role is Role.EXPERTS and use.kind != "expert_weight" and router and router.top_k:
-            share[index_of[use.site]] = router.top_k / router.n_experts
-    return share
 
 
 def node_forward_flops(analysis: StepAnalysis, index: int, share: dict[int, float]) -> int | None:
@@ -95,7 +81,7 @@ def adapter_tokens(analysis: StepAnalysis, index: int, share: dict[int, float]) 
 
 def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCounts:
     graph = analysis.model.graph
-    share = expert_token_share(analysis)
+    share = analysis.expert_share
     adapter_at = analysis.adapter_at
     forward = backward_input = backward_weight = recompute = 0
     unpriced: list[str] = []

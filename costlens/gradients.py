@@ -46,6 +46,7 @@ class StepAnalysis:
     needs_grad: dict                      # tensor -> bool
     runs_backward: tuple[bool, ...]       # per node
     weights: frozenset[str]               # tensors computed from constants alone
+    expert_share: dict                    # node -> share of tokens an expert matmul sees (k/E when routed)
 
     @property
     def adapter_at(self) -> dict[int, Adapter]:
@@ -55,7 +56,7 @@ class StepAnalysis:
         return bool(tensor) and self.needs_grad.get(tensor, False) and tensor not in self.cuts
 
 
-def analyze(model: Model, plan: Plan, bindings: dict) -> StepAnalysis:
+def analyze(model: Model, plan: Plan, bindings: dict, routed: bool = True) -> StepAnalysis:
     trainable = trainable_keys(model, plan)
     adapters = lora_adapters(model, plan, bindings)
     index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
@@ -63,7 +64,21 @@ def analyze(model: Model, plan: Plan, bindings: dict) -> StepAnalysis:
     cuts = stop_grad_cuts(model, plan)
     needs, runs_backward = gradient_flow(model, trainable_sites | {a.site for a in adapters}, cuts)
     return StepAnalysis(model, bindings, frozenset(trainable), frozenset(trainable_sites), tuple(adapters),
-                        frozenset(cuts), needs, tuple(runs_backward), frozenset(constant_derived(model)))
+                        frozenset(cuts), needs, tuple(runs_backward), frozenset(constant_derived(model)),
+                        expert_token_share(model) if routed else {})
+
+
+def expert_token_share(model: Model) -> dict[int, float]:
+    """Per node: the share of tokens a dense-form expert matmul really processes when each
+    token is routed to its top-k of E experts (k / E)."""
+    routers = {r.layer: r for r in model.roles.routers}
+    index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
+    share = {}
+    for use in model.roles.params:
+        router = routers.get(use.layer)
+        if use.role is Role.EXPERTS and use.kind != "expert_weight" and router and router.top_k:
+            share[index_of[use.site]] = router.top_k / router.n_experts
+    return share
 
 
 def trainable_keys(model: Model, plan: Plan) -> set[str]:

@@ -17,7 +17,6 @@ from costlens.ir import Node
 from costlens.ops.saved import Extra, saved_by
 from costlens.optimizers import state_bytes, step_temporaries
 from costlens.plans import Plan, Setup
-from costlens.roles.types import Role
 from costlens.shapes import eval_shape, numel
 
 VIEW_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Split",
@@ -210,10 +209,7 @@ def _lora_saved(analysis: StepAnalysis, ctx: _Context, index: int, plan: Plan) -
         return [Extra(f"lora_merged@{node.name}", merged)]
     x = node.inputs[0]
     x_shape = ctx.shape(x)
-    share = 1.0
-    for router in analysis.model.roles.routers:
-        if adapter.role is Role.EXPERTS and router.top_k and not adapter.n_experts:
-            share = router.top_k / router.n_experts
+    share = analysis.expert_share.get(index, 1.0)
     rows = round((numel(x_shape) // x_shape[-1] if x_shape else 0) * share)
     act = ctx.precision.activation
     items: list = [Extra(f"lora_xa@{node.name}", rows * adapter.rank * act)]

@@ -72,6 +72,7 @@ class Setup:
     optimizer_impl: str = "for-loop"     # "foreach" keeps whole-model temporaries (CUDA default)
     gpu: str | None = None
     mfu: float = 0.4
+    moe_dispatch: str = "routed"         # "routed": experts see their k/E of the tokens; "dense": all tokens
 
 
 # --------------------------------------------------------------------------- parsing
@@ -211,6 +212,8 @@ def check_setup(setup: Setup) -> Setup:
         raise PlanError(f"unknown precision {setup.precision!r} (choose from {', '.join(PRECISIONS)})")
     if setup.attention not in ATTENTION_IMPLS:
         raise PlanError(f"unknown attention {setup.attention!r} (choose from {', '.join(ATTENTION_IMPLS)})")
+    if setup.moe_dispatch not in ("routed", "dense"):
+        raise PlanError(f"unknown MoE dispatch {setup.moe_dispatch!r} (routed or dense)")
     if setup.batch <= 0 or (setup.seq is not None and setup.seq <= 0):
         raise PlanError("batch and seq must be positive")
     return setup

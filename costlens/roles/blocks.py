@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from costlens.roles.graphview import LINEAR_OPS, NORM_OPS, GraphView
+from costlens.roles.graphview import NORM_OPS, GraphView
 
 FUSED_ATTENTION_OPS = {
     # op: (q, k, v input slots); None = q/k/v come packed or the weights are inside

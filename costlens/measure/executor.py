@@ -1,0 +1,203 @@
+"""Run a costlens graph as a trainable torch module, with a plan applied (validation from
+an ONNX file alone).
+
+Why not onnx2torch: it maps each initializer to one parameter, so an exporter-deduplicated
+initializer (every all-ones norm weight folded into one) becomes one shared parameter, and
+the plan's per-use trainability cannot be expressed; it also has no place for LoRA
+adapters, stop-gradients or the stacked-FFN rewrite. Executing the IR directly gives each
+parameter use its own ``nn.Parameter`` (as the original model had), adapters at the exact
+sites the estimator prices, and runs rewritten graphs as they are.
+
+Ops execute as PyTorch's own modules would run them, so autograd saves what a real model
+saves: x * sigmoid(x) runs as ``F.silu``, 1 / sqrt(x) as ``torch.rsqrt``, Gemm as
+``F.linear``. Op implementations live in ``measure/torch_ops.py``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+from costlens.api import Model
+from costlens.frontends.onnx import external_location, resolve_external_path
+from costlens.gradients import Adapter, StepAnalysis
+from costlens.measure.torch_ops import run_op
+from costlens.memory import _silu_sigmoid_outputs
+from costlens.plans import Plan
+
+SAFE = re.compile(r"[^0-9A-Za-z_]")
+
+
+def initializer_values(path: str | Path) -> dict[str, np.ndarray]:
+    """Weights of an ONNX file; external data only from inside the model's folder."""
+    path = Path(path)
+    model = onnx.load_model(str(path), load_external_data=False)
+    values = {}
+    for tensor in model.graph.initializer:
+        location = external_location(tensor)
+        if location is not None:
+            resolve_external_path(path.resolve().parent, location)     # refuses path traversal
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.resolve().parent))
+        values[tensor.name] = numpy_helper.to_array(tensor)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attribute.t)
+    return values
+
+
+class GraphExecutor(nn.Module):
+    """forward(input_ids) -> logits, executing ``model.graph`` with ``analysis``'s plan applied."""
+
+    def __init__(self, model: Model, values: dict[str, np.ndarray], analysis: StepAnalysis, plan: Plan,
+                 seed: int = 0):
+        super().__init__()
+        self.graph, self.roles, self.analysis, self.plan = model.graph, model.roles, analysis, plan
+        generator = torch.Generator().manual_seed(seed)
+        self.params = nn.ParameterDict()
+        self._param_of: dict[tuple[int, str], str] = {}        # (site node, constant) -> parameter slot
+        index_of = {n.name: i for i, n in enumerate(self.graph.nodes)}
+        for use in self.roles.params:
+            if use.n_params == 0:                             # a tied use shares its twin's parameter
+                continue
+            value = _value(values, self.graph.constants[use.constant], generator)
+            slot = SAFE.sub("_", use.key)
+            self.params[slot] = nn.Parameter(value, requires_grad=use.key in analysis.trainable)
+            self._param_of[(index_of[use.site], use.constant)] = slot
+        for use in self.roles.params:
+            if use.tied_to:
+                twin = next(u for u in self.roles.params if u.constant == use.tied_to and u.n_params)
+                self._param_of[(index_of[use.site], use.constant)] = SAFE.sub("_", twin.key)
+        self._buffers_np = {name: values[name] for name in self.graph.constants if name in values}
+        self.adapters = nn.ModuleDict({str(a.site): _LoRA(a, plan, generator) for a in analysis.adapters})
+        self._silu = _silu_sigmoid_outputs(self.graph)
+        self._rsqrt = _rsqrt_sqrt_outputs(self.graph)
+        self._dropped = _dropout_points(model, plan)
+        self._producer = {o: i for i, n in enumerate(self.graph.nodes) for o in n.outputs if o}
+        self._constant_derived = analysis.weights
+
+    # ------------------------------------------------------------------ constants
+    def _constant(self, name: str, site: int) -> torch.Tensor:
+        slot = self._param_of.get((site, name))
+        if slot is not None:
+            return self.params[slot]
+        if name not in self._buffers_np:
+            raise KeyError(f"no value for constant {name!r}")
+        return torch.from_numpy(np.array(self._buffers_np[name]))
+
+    def _derived(self, tensor: str, site: int, env: dict) -> torch.Tensor:
+        """A constant-derived input (e.g. a transposed weight), rebuilt from this site's parameter."""
+        if tensor in self.graph.constants:
+            return self._constant(tensor, site)
+        node = self.graph.nodes[self._producer[tensor]]
+        args = [self._derived(x, site, env) if x else None for x in node.inputs]
+        outputs = run_op(node, args)
+        return outputs[node.outputs.index(tensor)]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        env: dict[str, torch.Tensor] = {self.graph.inputs[0]: input_ids}
+        for index, node in enumerate(self.graph.nodes):
+            if all(x in self._constant_derived for x in node.inputs if x):
+                continue                                     # evaluated per use, at its site
+            if node.op == "Sigmoid" and node.outputs[0] in self._silu:
+                continue                                     # runs as silu at its Mul
+            if node.op == "Sqrt" and node.outputs[0] in self._rsqrt:
+                continue                                     # runs as rsqrt at its Reciprocal
+            outputs = self._run(index, node, env)
+            for name, value in zip(node.outputs, outputs):
+                if not name:
+                    continue
+                if name in self._dropped:
+                    value = F.dropout(value, self.plan.dropout, training=True)
+                if name in self.analysis.cuts:
+                    value = value.detach()
+                env[name] = value
+        return env[self.graph.outputs[0]]
+
+    def _run(self, index: int, node, env: dict) -> list:
+        if node.op == "Mul" and any(x in self._silu for x in node.inputs):
+            x = next(x for x in node.inputs if x not in self._silu)
+            return [F.silu(env[x])]
+        if node.op == "Reciprocal" and node.inputs[0] in self._rsqrt:
+            sqrt = self.graph.nodes[self._producer[node.inputs[0]]]
+            return [torch.rsqrt(env[sqrt.inputs[0]])]
+        args = [None if not x else env[x] if x in env else self._derived(x, index, env) for x in node.inputs]
+        adapter = self.adapters[str(index)] if str(index) in self.adapters else None
+        if adapter is not None and adapter.n_experts:
+            args[1] = adapter.merged(args[1])
+        outputs = run_op(node, args)
+        if adapter is not None and not adapter.n_experts:
+            outputs[0] = outputs[0] + adapter(args[0])
+        return outputs
+
+
+class _LoRA(nn.Module):
+    """PEFT's LoRA: lora_B(lora_A(dropout(x))) * alpha / r, B initialized to zeros; on a 3-D
+    expert tensor, W re-parametrized as W + A·B per expert (PEFT ``target_parameters``)."""
+
+    def __init__(self, adapter: Adapter, plan: Plan, generator: torch.Generator):
+        super().__init__()
+        self.n_experts, self.rank = adapter.n_experts, adapter.rank
+        self.scale = plan.alpha / adapter.rank
+        self.dropout = plan.lora_dropout
+        lead = (adapter.n_experts,) if adapter.n_experts else ()
+        bound = 1 / math.sqrt(adapter.d_in)
+        a_shape = lead + ((adapter.d_in, adapter.rank) if adapter.n_experts else (adapter.rank, adapter.d_in))
+        b_shape = lead + ((adapter.rank, adapter.d_out) if adapter.n_experts else (adapter.d_out, adapter.rank))
+        self.A = nn.Parameter((torch.rand(a_shape, generator=generator) * 2 - 1) * bound)
+        self.B = nn.Parameter(torch.zeros(b_shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout:
+            x = F.dropout(x, self.dropout, training=True)
+        return F.linear(F.linear(x, self.A), self.B) * self.scale
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        # PEFT registers a parametrization, which torch evaluates once to check it, then once for use
+        torch.baddbmm(weight, self.A, self.B, alpha=self.scale)
+        return torch.baddbmm(weight, self.A, self.B, alpha=self.scale)
+
+
+def _value(values: dict, const, generator: torch.Generator) -> torch.Tensor:
+    if const.name in values:
+        return torch.from_numpy(np.array(values[const.name], dtype=np.float32))
+    # a constant the plan added (stacked FFN): initialize like nn.Linear / norms would
+    shape = const.shape
+    if len(shape) == 1:
+        return torch.ones(shape)
+    return (torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(shape[-2] if len(shape) > 1 else 1)
+
+
+def _rsqrt_sqrt_outputs(graph) -> set[str]:
+    users: dict[str, list] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            users.setdefault(name, []).append(node)
+    return {n.outputs[0] for n in graph.nodes if n.op == "Sqrt"
+            and [u.op for u in users.get(n.outputs[0], [])] == ["Reciprocal"]}
+
+
+def _dropout_points(model: Model, plan: Plan) -> set[str]:
+    """Where GPT-2/BERT apply training dropout, as the estimator prices it (memory.py)."""
+    if plan.dropout <= 0:
+        return set()
+    graph, roles = model.graph, model.roles
+    points = set()
+    for block in roles.attentions:
+        if block.softmax_node is not None:
+            points.add(graph.nodes[block.softmax_node].outputs[0])
+        points.update(graph.nodes[s].outputs[0] for s in block.o_sites)
+    points.update(graph.nodes[u.down_site].outputs[0] for u in roles.ffn_units)
+    token = next((u for u in roles.params if u.kind == "token"), None)
+    if token is not None:
+        points.update(n.outputs[0] for n in graph.nodes if n.name == token.site)
+    return points
