@@ -62,7 +62,7 @@ class _Context:
         self.analysis = analysis
         self.graph = analysis.model.graph
         self.precision = precision
-        self.silu = _silu_sigmoid_outputs(self.graph)
+        self.fused_inner = silu_sigmoid_outputs(self.graph) | rsqrt_sqrt_outputs(self.graph)
         self.consumers: dict[str, list[int]] = {}
         for index, node in enumerate(self.graph.nodes):
             for name in node.inputs:
@@ -83,8 +83,8 @@ class _Context:
         adapter = self.analysis.adapter_at.get(index)
         return index in self.analysis.trainable_sites or bool(adapter and adapter.n_experts)
 
-    def is_silu_sigmoid(self, tensor: str) -> bool:
-        return tensor in self.silu
+    def is_fused_inner(self, tensor: str) -> bool:
+        return tensor in self.fused_inner
 
     def rows(self, tensor: str) -> int:
         shape = self.shape(tensor)
@@ -125,13 +125,26 @@ class _Context:
         return numel(shape) * self.element_bytes(tensor) if shape is not None else 0
 
 
-def _silu_sigmoid_outputs(graph) -> set[str]:
-    """Sigmoid outputs used only as x * sigmoid(x): torch runs that as one silu."""
-    found = set()
+def _users(graph) -> dict[str, list[Node]]:
     users: dict[str, list[Node]] = {}
     for node in graph.nodes:
         for name in node.inputs:
             users.setdefault(name, []).append(node)
+    return users
+
+
+def rsqrt_sqrt_outputs(graph) -> set[str]:
+    """Sqrt outputs used only by a Reciprocal: torch runs 1 / sqrt(x) as one rsqrt, which keeps
+    only its result."""
+    users = _users(graph)
+    return {n.outputs[0] for n in graph.nodes
+            if n.op == "Sqrt" and [u.op for u in users.get(n.outputs[0], [])] == ["Reciprocal"]}
+
+
+def silu_sigmoid_outputs(graph) -> set[str]:
+    """Sigmoid outputs used only as x * sigmoid(x): torch runs that as one silu."""
+    found = set()
+    users = _users(graph)
     for node in graph.nodes:
         if node.op != "Sigmoid":
             continue

@@ -29,7 +29,7 @@ from costlens.api import Model
 from costlens.frontends.onnx import external_location, resolve_external_path
 from costlens.gradients import Adapter, StepAnalysis
 from costlens.measure.torch_ops import run_op
-from costlens.memory import _silu_sigmoid_outputs
+from costlens.memory import rsqrt_sqrt_outputs, silu_sigmoid_outputs
 from costlens.plans import Plan
 
 SAFE = re.compile(r"[^0-9A-Za-z_]")
@@ -78,11 +78,30 @@ class GraphExecutor(nn.Module):
                 self._param_of[(index_of[use.site], use.constant)] = SAFE.sub("_", twin.key)
         self._buffers_np = {name: values[name] for name in self.graph.constants if name in values}
         self.adapters = nn.ModuleDict({str(a.site): _LoRA(a, plan, generator) for a in analysis.adapters})
-        self._silu = _silu_sigmoid_outputs(self.graph)
-        self._rsqrt = _rsqrt_sqrt_outputs(self.graph)
+        self._silu = silu_sigmoid_outputs(self.graph)
+        self._rsqrt = rsqrt_sqrt_outputs(self.graph)
         self._dropped = _dropout_points(model, plan)
         self._producer = {o: i for i, n in enumerate(self.graph.nodes) for o in n.outputs if o}
         self._constant_derived = analysis.weights
+        self._last_use = _last_uses(self.graph)
+        self._claim_paths(index_of)
+
+    def _claim_paths(self, index_of: dict[str, int]) -> None:
+        """A parameter reaches its site through nodes that read no data (a Transpose, or a
+        Gather by positions for a position table): they read the use's parameter too."""
+        consumers: dict[str, list[int]] = {}
+        for index, node in enumerate(self.graph.nodes):
+            for name in node.inputs:
+                consumers.setdefault(name, []).append(index)
+        for (site, constant), slot in list(self._param_of.items()):
+            frontier = [constant]
+            while frontier:
+                tensor = frontier.pop()
+                for index in consumers.get(tensor, ()):
+                    node = self.graph.nodes[index]
+                    if index < site and (index, constant) not in self._param_of:
+                        self._param_of[(index, constant)] = slot
+                        frontier.extend(o for o in node.outputs if o)
 
     # ------------------------------------------------------------------ constants
     def _constant(self, name: str, site: int) -> torch.Tensor:
@@ -113,6 +132,9 @@ class GraphExecutor(nn.Module):
             if node.op == "Sqrt" and node.outputs[0] in self._rsqrt:
                 continue                                     # runs as rsqrt at its Reciprocal
             outputs = self._run(index, node, env)
+            for name in node.inputs:
+                if name in env and self._last_use.get(name) == index:
+                    del env[name]                           # free it as a module's local would be freed
             for name, value in zip(node.outputs, outputs):
                 if not name:
                     continue
@@ -177,13 +199,16 @@ def _value(values: dict, const, generator: torch.Generator) -> torch.Tensor:
     return (torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(shape[-2] if len(shape) > 1 else 1)
 
 
-def _rsqrt_sqrt_outputs(graph) -> set[str]:
-    users: dict[str, list] = {}
-    for node in graph.nodes:
+def _last_uses(graph) -> dict[str, int]:
+    """The index of the last node reading each tensor (graph outputs are never freed)."""
+    last = {}
+    for index, node in enumerate(graph.nodes):
         for name in node.inputs:
-            users.setdefault(name, []).append(node)
-    return {n.outputs[0] for n in graph.nodes if n.op == "Sqrt"
-            and [u.op for u in users.get(n.outputs[0], [])] == ["Reciprocal"]}
+            if name:
+                last[name] = index
+    for name in graph.outputs:
+        last[name] = len(graph.nodes)
+    return last
 
 
 def _dropout_points(model: Model, plan: Plan) -> set[str]:

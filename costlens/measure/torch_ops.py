@@ -97,6 +97,10 @@ def _cast(node, x):
 # --------------------------------------------------------------------------- products
 @op("MatMul")
 def _matmul(node, a, b):
+    if a.dim() == 2 and b.dim() >= 3:
+        # [t, d] @ [E, d, f]: run it as a batched product over an expanded view, as expert code
+        # does; torch.matmul would fold it into one mm over a transposed copy of the weight
+        a = a.expand(*b.shape[:-2], *a.shape)
     return torch.matmul(a, b)
 
 

@@ -29,7 +29,8 @@ class SavedContext(Protocol):
     def needs(self, tensor: str) -> bool: ...            # an activation that needs a gradient
     def is_weight(self, tensor: str) -> bool: ...        # computed from constants alone
     def trains(self, node: Node) -> bool: ...            # a trainable parameter meets data here
-    def is_silu_sigmoid(self, tensor: str) -> bool: ...  # the sigmoid half of x * sigmoid(x)
+    def is_fused_inner(self, tensor: str) -> bool: ...  # the inner half of a fused pair: sigmoid of
+                                                          # x * sigmoid(x), sqrt of 1 / sqrt(x)
     def rows(self, tensor: str) -> int: ...              # elements / last dim
     def stat_bytes(self) -> int: ...                     # bytes per element of fp32 statistics
 
@@ -70,8 +71,8 @@ def _matmul(node: Node, ctx: SavedContext) -> list:
 @saves("Mul")
 def _mul(node: Node, ctx: SavedContext) -> list:
     a, b = node.inputs[0], node.inputs[1]
-    if ctx.is_silu_sigmoid(a) or ctx.is_silu_sigmoid(b):
-        x = b if ctx.is_silu_sigmoid(a) else a
+    if ctx.is_fused_inner(a) or ctx.is_fused_inner(b):
+        x = b if ctx.is_fused_inner(a) else a
         return [x] if ctx.needs(x) else []          # silu saves its input only
     kept = []
     if _grad_needed(node, b, ctx) and _data(a, ctx):
@@ -102,8 +103,8 @@ def _input(node: Node, ctx: SavedContext) -> list:
 @saves("Softmax", "LogSoftmax", "Sigmoid", "Tanh", "Relu", "Sqrt", "Reciprocal", "Exp")
 def _output(node: Node, ctx: SavedContext) -> list:
     x, y = node.inputs[0], node.outputs[0]
-    if not ctx.needs(x) or (node.op == "Sigmoid" and ctx.is_silu_sigmoid(y)):
-        return []
+    if not ctx.needs(x) or (node.op in ("Sigmoid", "Sqrt") and ctx.is_fused_inner(y)):
+        return []                                    # the fused op (silu, rsqrt) keeps what it needs
     return [y]
 
 

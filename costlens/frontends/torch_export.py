@@ -1,0 +1,352 @@
+"""PyTorch front end: a module traced with ``torch.export`` on the meta device -> the graph IR.
+
+No weight is ever materialized: the module lives on the meta device (a module with real
+weights is moved there first), and so do the example inputs; ``torch.export`` records every
+op with its symbolic output shape. The token input's two dims are traced as dynamic and
+named ``batch`` and ``seq``. Parameters become constants named by their module path
+(``layers.0.self_attn.q_proj.weight``), buffers and lifted constants too (the role locator
+decides which are parameters); each node keeps its module path as ``scope``.
+
+Every op is lowered to canonical ONNX op kinds by the rules in ``aten.py`` — the IR is the
+one the ONNX front end builds for the same module. Higher-order ops (``no_grad`` and
+autocast regions) are inlined; nodes that do not reach an output are dropped, as an ONNX
+export drops them. Mixture-of-experts modules of transformers are traced in their
+dense-dispatch form (``hf_config.dense_experts``), the form costlens prices.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+import re
+import sys
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from costlens.errors import CostlensError
+from costlens.frontends.aten import Call, lower
+from costlens.frontends.irbuild import Builder, Sym, Value, dtype_name, print_dim
+from costlens.ir import BATCH, SEQ, Graph, Node
+
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 16
+_SYM_FUNCTIONS = {operator.add: "sym.add", operator.sub: "sym.sub", operator.mul: "sym.mul",
+                  operator.floordiv: "sym.floordiv", operator.truediv: "sym.truediv", operator.mod: "sym.mod",
+                  operator.neg: "sym.neg", torch.sym_max: "sym.max", torch.sym_min: "sym.min"}
+_PASS_FUNCTIONS = {torch.sym_int, torch.sym_float}
+
+
+class TraceError(CostlensError):
+    """The model could not be traced (torch.export failed, or the trace lost batch/seq)."""
+
+
+# --------------------------------------------------------------------------- tracing
+
+def load_torch(module: nn.Module, example_inputs=None, *, source: str | None = None) -> Graph:
+    """Trace ``module`` on the meta device and build the graph IR (no weights are read)."""
+    source = source or type(module).__name__
+    program = export_program(module, example_inputs, source=source)
+    return graph_from_program(program, source)
+
+
+def example_args(example_inputs) -> tuple[tuple, dict]:
+    """(args, kwargs) on the meta device; default: token ids [2, 16]."""
+    if example_inputs is None:
+        example_inputs = (torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.long),)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        args, kwargs = tuple(example_inputs), {}
+    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}
+
+
+def _dynamic_shapes(args: tuple, kwargs: dict):
+    """Dims 0 and 1 of every tensor input that has the token input's batch and seq sizes."""
+    tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+    if not tensors:
+        raise TraceError("the example inputs hold no tensor")
+    lead = tuple(tensors[0].shape[:2])
+
+    def spec(x):
+        if not isinstance(x, torch.Tensor):
+            return None
+        return {i: torch.export.Dim.DYNAMIC for i, size in enumerate(x.shape[:2]) if i < len(lead) and size == lead[i]}
+    return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
+
+
+def export_program(module: nn.Module, example_inputs=None, *, source: str = "module"):
+    """``torch.export.export`` on the meta device with dynamic batch and seq."""
+    if not isinstance(module, nn.Module):
+        raise TraceError(f"{source}: expected a torch.nn.Module, got {type(module).__name__}")
+    if any(p.device.type != "meta" for p in module.parameters()):
+        module = module.to("meta")
+    args, kwargs = example_args(example_inputs)
+    dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
+    dynamic = {**_by_name(module, dyn_args), **dyn_kwargs} if kwargs else dyn_args
+    with _quiet(), _dense_experts(module):
+        try:
+            program = torch.export.export(module.eval(), args, kwargs or None, dynamic_shapes=dynamic, strict=False)
+        except Exception as e:  # noqa: BLE001 - any tracing failure is the model's, reported in one line
+            raise TraceError(f"{source}: torch.export could not trace the model ({type(e).__name__}: "
+                             f"{_first_line(e)})") from e
+    _check_dynamic(program, source)
+    return program
+
+
+def _by_name(module: nn.Module, dyn_args: tuple) -> dict:
+    import inspect
+    names = [p for p in inspect.signature(module.forward).parameters]
+    return dict(zip(names, dyn_args))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
+def _check_dynamic(program, source: str) -> None:
+    first = next((n for n in program.graph.nodes if n.op == "placeholder"
+                  and n.name in program.graph_signature.user_inputs), None)
+    val = first.meta.get("val") if first is not None else None
+    if isinstance(val, torch.Tensor) and val.dim() >= 2:
+        fixed = [name for name, d in zip((BATCH, SEQ), val.shape[:2]) if isinstance(d, int)]
+        if fixed:
+            raise TraceError(f"{source}: the trace fixed {' and '.join(fixed)} to the example's size "
+                             f"(the model branches on it); costlens needs them symbolic")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Tracing is chatty (warnings, transformers' logger); the library never prints."""
+    loggers = [logging.getLogger(name) for name in ("transformers", "torch._export", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _dense_experts(module: nn.Module):
+    if "transformers" not in sys.modules:
+        yield
+        return
+    from costlens.frontends.hf_config import dense_experts
+    with dense_experts(module):
+        yield
+
+
+# --------------------------------------------------------------------------- conversion
+
+def graph_from_program(program, source: str) -> Graph:
+    """The IR of an ExportedProgram: every op lowered, dead nodes dropped."""
+    signature = program.graph_signature
+    builder = Builder(source)
+    converter = _Converter(builder, program.graph_module, _symbol_names(program))
+    constants = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+                 **signature.inputs_to_lifted_tensor_constants}
+    inputs = []
+    for node in program.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if node.name in constants:
+            shape = converter.shape(val)
+            if any(not isinstance(d, int) for d in shape):
+                raise TraceError(f"{source}: parameter {constants[node.name]!r} has a symbolic shape {shape}")
+            converter.values[node.name] = builder.add_constant(constants[node.name], shape, dtype_name(val.dtype))
+        elif isinstance(val, torch.Tensor):
+            converter.values[node.name] = builder.add_input(node.name, converter.shape(val), dtype_name(val.dtype))
+            inputs.append(node.name)
+        else:
+            converter.values[node.name] = val
+    outputs = converter.run(program.graph)
+    kinds = [spec.kind.name for spec in signature.output_specs]
+    user = [v for kind, v in zip(kinds, outputs) if kind == "USER_OUTPUT" and isinstance(v, Value)]
+    if not user:
+        raise TraceError(f"{source}: the traced model returns no tensor")
+    return prune(builder.graph(inputs, [v.name for v in user]))
+
+
+def _symbol_names(program) -> dict[str, str]:
+    """The token input's dims are ``batch`` and ``seq``; other symbols keep their names."""
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                names = {}
+                for label, dim in zip((BATCH, SEQ), val.shape[:2]):
+                    if isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol:
+                        names[dim.node.expr.name] = label
+                return names
+    return {}
+
+
+class _Converter:
+    def __init__(self, builder: Builder, graph_module, names: dict[str, str]):
+        self.b = builder
+        self.module = graph_module
+        self.names = names
+        self.values: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ metadata
+    def dim(self, d):
+        if isinstance(d, int):
+            return d
+        expr = d.node.expr
+        return int(expr) if expr.is_number else print_dim(expr, self.names)
+
+    def shape(self, val) -> tuple:
+        return tuple(self.dim(d) for d in val.shape)
+
+    def meta(self, val) -> list:
+        if isinstance(val, torch.Tensor):
+            return [(self.shape(val), dtype_name(val.dtype))]
+        if isinstance(val, (list, tuple)):
+            return [self.meta(v)[0] if isinstance(v, torch.Tensor) else None for v in val]
+        if isinstance(val, torch.SymInt):
+            return [self.dim(val)]
+        return []
+
+    # ------------------------------------------------------------------ graph walk
+    def run(self, graph) -> list:
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                self.values[node.name] = self._attribute(node)
+            elif node.op == "call_function":
+                self.values[node.name] = self.call(node)
+            elif node.op == "output":
+                result = self.arg(node.args[0])
+                return list(result) if isinstance(result, (list, tuple)) else [result]
+        return []
+
+    def _attribute(self, node):
+        target = self.module
+        for part in node.target.split("."):
+            target = getattr(target, part)
+        if isinstance(target, torch.Tensor):
+            return self.b.add_constant(node.target, tuple(target.shape), dtype_name(target.dtype))
+        return target
+
+    def arg(self, a):
+        if isinstance(a, torch.fx.Node):
+            return self.values.get(a.name)
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.arg(x) for x in a)
+        return a
+
+    def call(self, node):
+        target = node.target
+        if target is operator.getitem:
+            container = self.arg(node.args[0])
+            return None if container is None else container[node.args[1]]
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            return self._inline(node)
+        scope = _scope(node)
+        outs = self.meta(node.meta.get("val"))
+        if isinstance(target, torch._ops.OpOverload):
+            op, args = _op_name(target), _bind(target, self.arg(node.args), self.arg(node.kwargs))
+            if op == "aten._grouped_mm":
+                self.b.warnings.append(f"{node.name}: aten._grouped_mm outside a transformers experts module is not "
+                                       "priced (write the experts in dense-dispatch form or as transformers experts)")
+            result = lower(self.b, Call(op, args, outs, scope, node.name))
+            if target._schema.name.endswith("_") and not target._schema.name.endswith("__") and node.args:
+                first = node.args[0]
+                if isinstance(first, torch.fx.Node) and isinstance(result, Value):
+                    self.values[first.name] = result       # an in-place op rebinds its operand
+            return result
+        if target in _PASS_FUNCTIONS:
+            return self.arg(node.args[0])
+        if target in _SYM_FUNCTIONS:
+            args = {f"a{i}": self.arg(a) for i, a in enumerate(node.args)}
+            if all(isinstance(v, (int, float)) for v in args.values()):
+                return target(*args.values())
+            return lower(self.b, Call(_SYM_FUNCTIONS[target], args, outs, scope, node.name))
+        if getattr(target, "__module__", "") in ("_operator", "operator") or target in (torch._sym_sqrt,):
+            return None                               # guards on symbolic ints (sym bools): no data
+        name = getattr(target, "__name__", str(target))
+        args = {f"a{i}": self.arg(a) for i, a in enumerate(node.args)}
+        return lower(self.b, Call(f"py.{name}", args, outs, scope, node.name))
+
+    def _inline(self, node):
+        """no_grad / autocast regions: convert the body with its operands bound."""
+        args = list(node.args)
+        body_index = next(i for i, a in enumerate(args) if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                          and isinstance(self.values.get(a.name), torch.fx.GraphModule))
+        body = self.values[args[body_index].name]
+        operands = [self.arg(a) for a in args[body_index + 1:]]
+        inner = _Converter(self.b, body, self.names)
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        for placeholder, value in zip(placeholders, operands):
+            inner.values[placeholder.name] = value
+        outputs = inner.run(body.graph)
+        return tuple(outputs)
+
+
+def _op_name(target) -> str:
+    namespace, _, name = target._schema.name.partition("::")
+    if name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]                                # in-place: the functional op
+    return f"{namespace}.{name}"
+
+
+def _bind(target, args, kwargs) -> dict[str, Any]:
+    """Arguments by schema name, defaults filled in."""
+    bound: dict[str, Any] = {}
+    schema_args = target._schema.arguments
+    for i, spec in enumerate(schema_args):
+        if i < len(args) and not spec.kwarg_only:
+            bound[spec.name] = args[i]
+        elif spec.name in kwargs:
+            bound[spec.name] = kwargs[spec.name]
+        elif spec.has_default_value():
+            bound[spec.name] = spec.default_value
+    return bound
+
+
+_BRACKET = re.compile(r"\[(\d+)\]")
+
+
+def _scope(node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    if "empty_nn_module_stack" in path:
+        return ""
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    return _BRACKET.sub(r".\1", path).strip(".")
+
+
+# --------------------------------------------------------------------------- pruning
+
+def prune(graph: Graph) -> Graph:
+    """Drop nodes whose outputs reach no graph output, and constants nothing reads except
+    named module tensors (parameters and buffers are kept for the record)."""
+    from dataclasses import replace
+
+    from costlens.ir import frozen_map
+    needed = set(graph.outputs)
+    kept: list[Node] = []
+    for node in reversed(graph.nodes):
+        if any(o in needed for o in node.outputs if o):
+            kept.append(node)
+            needed.update(x for x in node.inputs if x)
+    kept.reverse()
+    produced = {o for n in kept for o in n.outputs}
+    tensors = {k: v for k, v in graph.tensors.items() if k in produced or k in graph.inputs}
+    constants = {k: v for k, v in graph.constants.items()
+                 if k in needed or not (k.startswith(("scalar.", "ints(")) or k.startswith("reshape_target"))}
+    small = {k: v for k, v in graph.small_values.items() if k in constants}
+    return replace(graph, nodes=tuple(kept), tensors=frozen_map(tensors), constants=frozen_map(constants),
+                   small_values=frozen_map(small))

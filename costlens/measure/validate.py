@@ -1,0 +1,108 @@
+"""Estimate vs measurement of the same plan: each figure beside the truth, with its error.
+
+From an ONNX file alone, the graph runs as a trainable torch module (executor.py) with the
+plan applied per parameter use; the exported graph of an MoE model computes every expert
+for every token, so that is what is priced and measured (``moe_dispatch="dense"``). The step
+is measured by ``measure_step`` (two steps, the second reported).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from costlens.api import Model, load
+from costlens.errors import PlanError
+from costlens.estimate import Estimate, estimate
+from costlens.gradients import analyze
+from costlens.plans import Plan, Setup, check_setup
+
+FLOP_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class Comparison:
+    quantity: str
+    estimated: int
+    measured: int
+    tolerance: float          # relative; 0 means it must be exact
+
+    @property
+    def error(self) -> float:
+        if self.measured == 0:
+            return 0.0 if self.estimated == 0 else float("inf")
+        return (self.estimated - self.measured) / self.measured
+
+    @property
+    def ok(self) -> bool:
+        return self.estimated == self.measured if self.tolerance == 0 else abs(self.error) <= self.tolerance
+
+
+@dataclass(frozen=True)
+class Validation:
+    plan: Plan
+    setup: Setup
+    device: str
+    source: str
+    comparisons: tuple[Comparison, ...]
+    estimated_phase: str
+    measured_phase: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.comparisons)
+
+
+def _measurable(setup: Setup, device: str) -> None:
+    if setup.precision != "fp32":
+        raise PlanError("validate measures fp32 steps (mixed precision keeps fp32 weights under torch autocast, "
+                        "which is not the recipe the estimate prices)")
+    if setup.checkpointing or setup.attention != "eager":
+        raise PlanError("validate runs eager attention without checkpointing")
+    if setup.optimizer not in ("adamw", "sgd", "sgd-momentum"):
+        raise PlanError(f"validate can run adamw, sgd or sgd-momentum, not {setup.optimizer}")
+    if device not in ("cpu", "cuda"):
+        raise PlanError(f"unknown device {device!r} (cpu or cuda)")
+
+
+def validate_onnx(path: str | Path, plan: Plan, setup: Setup, device: str = "cpu", tolerance: float = 0.05,
+                  progress: Callable[[str], None] = lambda message: None) -> Validation:
+    """Price and measure one plan of an ONNX model. Needs the torch extra."""
+    from costlens.measure.executor import GraphExecutor, initializer_values
+    from costlens.measure.step import measure_step
+
+    setup = check_setup(setup)
+    _measurable(setup, device)
+    base = load(path)
+    notes = []
+    if base.roles.routers and setup.moe_dispatch == "routed":
+        setup = replace(setup, moe_dispatch="dense")
+        notes.append("the exported graph runs every expert on every token: priced and measured as dense dispatch")
+    progress("estimating")
+    result = estimate(base, plan, setup)
+    model: Model = result.model
+    analysis = analyze(model, plan, {"batch": result.batch, "seq": result.seq}, routed=False)
+    progress("building the trainable module from the graph")
+    module = GraphExecutor(model, initializer_values(path), analysis, plan)
+    progress(f"measuring two training steps on {device} (batch {result.batch}, seq {result.seq})")
+    measured = measure_step(module, result.batch, result.seq, model.roles.architecture.vocab, setup.optimizer,
+                            setup.optimizer_impl, device=device)
+    return _compare(result, measured, setup, device, "onnx", tolerance, tuple(notes))
+
+
+def _compare(result: Estimate, measured, setup: Setup, device: str, source: str, tolerance: float,
+             notes: tuple[str, ...]) -> Validation:
+    memory = result.memory
+    comparisons = (
+        Comparison("trainable params", result.params.trainable, measured.n_trainable_params, 0.0),
+        Comparison("forward FLOPs", result.flops.forward, measured.forward_flops, FLOP_TOLERANCE),
+        Comparison("step FLOPs", result.flops.forward + result.flops.backward, measured.total_flops, FLOP_TOLERANCE),
+        Comparison("weights bytes", memory.weights, measured.weights_bytes, tolerance),
+        Comparison("gradient bytes", memory.gradients, measured.gradient_bytes, tolerance),
+        Comparison("optimizer bytes", memory.optimizer, measured.optimizer_state_bytes, tolerance),
+        Comparison("activation bytes", memory.activations, measured.saved_activation_bytes, tolerance),
+        Comparison("peak bytes", memory.peak, measured.peak_bytes, tolerance),
+    )
+    return Validation(result.plan, setup, device, source, comparisons, memory.peak_phase,
+                      str(getattr(measured.peak_phase, "value", measured.peak_phase)), notes)
