@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +32,57 @@ class Model:
         return bool(self.unknown_ops)
 
 
-def load_graph(source: str | os.PathLike) -> Graph:
-    """Build the graph IR from a source. Today: an ``.onnx`` file."""
+IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+SOURCE_KINDS = "an .onnx file, a Hugging Face config.json or model folder, or an import spec package.module:factory"
+
+
+def load_graph(source, *, tracer: str = "export") -> Graph:
+    """Build the graph IR from a source: an ``.onnx`` file; a Hugging Face ``config.json`` or
+    a folder holding one (built on the meta device, never downloaded, no weights read); an
+    import spec ``package.module:factory`` (a callable returning an ``nn.Module``, or a
+    ``(module, example_inputs)`` pair); an ``nn.Module``; or a transformers config object.
+    PyTorch sources are traced with ``torch.export`` (``tracer="export"``) or, for small
+    modules that run on the CPU, TorchScript via fvcore (``tracer="fvcore"``)."""
+    if tracer not in ("export", "fvcore"):
+        raise CostlensError(f"unknown tracer {tracer!r} (choose export or fvcore)")
+    if not isinstance(source, (str, os.PathLike)):
+        return _load_object(source, tracer)
     path = Path(source)
-    if path.is_dir():
-        raise CostlensError(f"{source}: is a directory; give an .onnx file")
-    if path.suffix.lower() == ".onnx" or path.is_file():
+    text = os.fspath(source)
+    if path.suffix.lower() == ".onnx" or (path.is_file() and path.suffix.lower() != ".json"):
         from costlens.frontends.onnx import load_onnx
         return load_onnx(path)
-    raise CostlensError(f"{source}: no such model file (expected an .onnx file)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CostlensError(f"{source}: is a directory with no config.json (give {SOURCE_KINDS})")
+    if path.is_dir() or path.suffix.lower() == ".json":
+        from costlens.frontends.hf_config import read_config
+        return _traced(read_config(path), text, tracer)
+    if IMPORT_SPEC.match(text):
+        from costlens.frontends.torch_export import module_from_spec
+        module, example_inputs = module_from_spec(text)
+        return _traced(module, text, tracer, example_inputs)
+    raise CostlensError(f"{source}: no such model file (expected {SOURCE_KINDS})")
+
+
+def _load_object(source, tracer: str) -> Graph:
+    if type(source).__module__.startswith("transformers.") and hasattr(source, "model_type"):
+        return _traced(source, type(source).__name__, tracer)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(source, torch.nn.Module):
+        return _traced(source, type(source).__name__, tracer)
+    raise CostlensError(f"cannot load a {type(source).__name__} (expected {SOURCE_KINDS}, or an nn.Module)")
+
+
+def _traced(model, name: str, tracer: str, example_inputs=None) -> Graph:
+    """A module or a transformers config through the chosen tracer."""
+    if tracer == "fvcore":
+        from costlens.frontends.fvcore_jit import load_fvcore
+        return load_fvcore(model, example_inputs, source=name)
+    if hasattr(model, "model_type") and not hasattr(model, "forward"):
+        from costlens.frontends.hf_config import load_config_graph
+        return load_config_graph(model, source=name)
+    from costlens.frontends.torch_export import load_torch
+    return load_torch(model, example_inputs, source=name)
 
 
 def load(source: str | os.PathLike) -> Model:

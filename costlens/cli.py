@@ -64,7 +64,8 @@ def inspect(model: str, as_json: bool) -> None:
         click.echo(inspect_text(document))
 
 
-SETUP_KEYS = ("batch", "seq", "optimizer", "optimizer_impl", "precision", "attention", "checkpointing", "gpu", "mfu")
+SETUP_KEYS = ("batch", "seq", "optimizer", "optimizer_impl", "precision", "attention", "checkpointing", "gpu", "mfu",
+              "moe_dispatch")
 
 
 def setup_options(command):
@@ -84,6 +85,8 @@ def setup_options(command):
         click.option("--checkpointing", is_flag=True, help="Recompute each layer in backward (activation checkpointing)."),
         click.option("--gpu", default=None, help="Accelerator for a time-per-step figure, e.g. h100, a100-40gb, l4."),
         click.option("--mfu", type=float, default=0.4, show_default=True, help="Model FLOPs utilization for --gpu."),
+        click.option("--moe-dispatch", type=click.Choice(["routed", "dense"]), default="routed", show_default=True,
+                     help="routed: each expert runs on the tokens routed to it (k of E); dense: every token."),
         click.option("--json", "as_json", is_flag=True, help="Print the costlens.plan/1 JSON document."),
     ]):
         command = decorator(command)
@@ -92,7 +95,7 @@ def setup_options(command):
 
 def _setup(options: dict):
     from costlens.plans import Setup
-    values = {k: options[k] for k in SETUP_KEYS}
+    values = {k: options[k] for k in SETUP_KEYS if k in options}
     values["optimizer_impl"] = values["optimizer_impl"] or ("foreach" if values["gpu"] else "for-loop")
     return Setup(**values)
 
@@ -110,35 +113,86 @@ def _run_plans(model, plans: list, setup, as_json: bool, html_path: str | None =
     click.echo(json.dumps(document, indent=2) if as_json else plan_text(document))
 
 
+PLAN_OPTION_KEYS = ("train", "freeze", "lora", "rank", "alpha", "lora_dropout", "stop_grad", "dropout", "stack_ffn",
+                    "stack_ffn_width")
+
+
+def plan_options(command):
+    """Options describing one plan, shared by plan and validate."""
+    for decorator in reversed([
+        click.option("--train", help="Roles whose base weights train: attn,q,k,v,o,ffn,up,gate,down,router,experts,"
+                                     "shared_experts,embed,norm,head,all,stacked,layers:A-B "
+                                     "[default: all, or none with --lora]."),
+        click.option("--freeze", help="Roles to freeze (same names as --train)."),
+        click.option("--lora", help="LoRA targets, e.g. attn or attn,ffn or attn,router,experts."),
+        click.option("--rank", help="LoRA rank: 8, or per target: attn=8,router=4,experts=4."),
+        click.option("--alpha", help="LoRA alpha (does not change costs)."),
+        click.option("--lora-dropout", help="LoRA dropout probability (keeps a dropped copy of each adapted input)."),
+        click.option("--stop-grad", help="Detach outputs: attn (nothing below an attention output gets its gradient)."),
+        click.option("--dropout", help="Training-time dropout after embeddings, attention probabilities, attention "
+                                       "and FFN outputs (GPT-2/BERT use 0.1); the exported graph no longer shows it."),
+        click.option("--stack-ffn", help="N extra FFN sublayers (own norm and residual) after each block's FFN; "
+                                         "--train stacked trains only them."),
+        click.option("--stack-ffn-width", help="Width of the stacked FFN sublayers [default: the block FFN's]."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def _plan(options: dict):
+    """(spec text, Plan) from the plan options of a command."""
+    from costlens.plans import plan_from_options
+    values = {key: options.pop(key) for key in PLAN_OPTION_KEYS}
+    spec = ";".join(f"{key.replace('_', '-')}={value}" for key, value in values.items() if value) or "full"
+    return spec, plan_from_options(spec, **values)
+
+
 @main.command()
 @click.argument("model")
-@click.option("--train", help="Roles whose base weights train: attn,q,k,v,o,ffn,up,gate,down,router,experts,"
-                              "shared_experts,embed,norm,head,all,layers:A-B [default: all, or none with --lora].")
-@click.option("--freeze", help="Roles to freeze (same names as --train).")
-@click.option("--lora", help="LoRA targets, e.g. attn or attn,ffn or attn,router,experts.")
-@click.option("--rank", help="LoRA rank: 8, or per target: attn=8,router=4,experts=4.")
-@click.option("--alpha", help="LoRA alpha (does not change costs).")
-@click.option("--lora-dropout", help="LoRA dropout probability (keeps a dropped copy of each adapted input).")
-@click.option("--stop-grad", help="Detach outputs: attn (nothing below an attention output gets its gradient).")
-@click.option("--dropout", help="Training-time dropout after embeddings, attention probabilities, attention and "
-                                "FFN outputs (GPT-2/BERT use 0.1); the exported graph no longer shows it.")
-@click.option("--stack-ffn", help="N extra FFN sublayers (own norm and residual) after each block's FFN; "
-                                  "--train stacked trains only them.")
-@click.option("--stack-ffn-width", help="Width of the stacked FFN sublayers [default: the block FFN's].")
+@plan_options
 @setup_options
 @friendly_errors
-def plan(model, train, freeze, lora, rank, alpha, lora_dropout, stop_grad, dropout, stack_ffn, stack_ffn_width,
-         as_json, **setup) -> None:
+def plan(model, as_json, **options) -> None:
     """Price one fine-tuning plan of MODEL: parameters, memory and FLOPs of a training step."""
     from costlens.api import load
-    from costlens.plans import plan_from_options
 
-    options = {"train": train, "freeze": freeze, "lora": lora, "rank": rank, "alpha": alpha,
-               "lora_dropout": lora_dropout, "stop_grad": stop_grad, "dropout": dropout, "stack_ffn": stack_ffn,
-               "stack_ffn_width": stack_ffn_width}
-    spec = ";".join(f"{key.replace('_', '-')}={value}" for key, value in options.items() if value) or "full"
-    plans = [(spec, plan_from_options(spec, **options))]
-    _run_plans(load(model), plans, _setup(setup), as_json)
+    chosen = _plan(options)
+    _run_plans(load(model), [chosen], _setup(options), as_json)
+
+
+@main.command()
+@click.argument("model")
+@plan_options
+@setup_options
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the measured step runs (cuda: allocator peak; cpu: exact live tensor storage).")
+@click.option("--tolerance", type=float, default=0.05, show_default=True,
+              help="Largest relative error of a memory figure (FLOPs: 1%; trainable parameters: exact).")
+@friendly_errors
+def validate(model, device, tolerance, as_json, **options) -> None:
+    """Measure a real training step of the plan and compare it with the estimate (exit 1 when
+    a figure is outside tolerance). Needs the torch extra."""
+    try:
+        from costlens.measure.validate import validate_onnx
+    except ImportError as e:
+        raise CostlensError(f"validate needs the torch extra (pip install 'costlens[torch]'): {e}") from e
+    from costlens.render.validate import validation_document, validation_text
+
+    spec, chosen = _plan(options)
+    setup = _setup(options)
+    if device == "cuda" and not _cuda_available():
+        raise CostlensError("--device cuda: no CUDA device is available here")
+    result = validate_onnx(model, chosen, setup, device=device, tolerance=tolerance,
+                           progress=lambda message: click.echo(f"costlens: {message}...", err=True))
+    document = validation_document(result, model, spec)
+    click.echo(json.dumps(document, indent=2) if as_json else validation_text(document))
+    if not result.ok:
+        sys.exit(1)
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 @main.command()

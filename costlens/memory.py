@@ -58,8 +58,9 @@ class Precision:
 class _Context:
     """The SavedContext the per-op rules read, over one StepAnalysis."""
 
-    def __init__(self, analysis: StepAnalysis, precision: Precision):
+    def __init__(self, analysis: StepAnalysis, precision: Precision, device: str = "cuda"):
         self.analysis = analysis
+        self.mask_bytes = 1 if device == "cuda" else precision.activation   # dropout masks
         self.graph = analysis.model.graph
         self.precision = precision
         self.fused_inner = silu_sigmoid_outputs(self.graph) | rsqrt_sqrt_outputs(self.graph)
@@ -217,18 +218,19 @@ def _lora_saved(analysis: StepAnalysis, ctx: _Context, index: int, plan: Plan) -
     is what the expert matmuls keep for their backward."""
     adapter = analysis.adapter_at[index]
     node = analysis.model.graph.nodes[index]
-    if adapter.n_experts:
+    if adapter.n_experts:           # the product keeps the merged weight only to compute dX
         merged = adapter.n_experts * adapter.d_in * adapter.d_out * ctx.precision.weight
-        return [Extra(f"lora_merged@{node.name}", merged)]
+        return [Extra(f"lora_merged@{node.name}", merged)] if ctx.needs(node.inputs[0]) else []
     x = node.inputs[0]
     x_shape = ctx.shape(x)
     share = analysis.expert_share.get(index, 1.0)
     rows = round((numel(x_shape) // x_shape[-1] if x_shape else 0) * share)
     act = ctx.precision.activation
     items: list = [Extra(f"lora_xa@{node.name}", rows * adapter.rank * act)]
-    if plan.lora_dropout > 0:
-        items += [Extra(f"lora_drop@{node.name}", rows * adapter.d_in * act),
-                  Extra(f"lora_mask@{node.name}", rows * adapter.d_in)]
+    if plan.lora_dropout > 0:        # A keeps the dropped copy; the mask is kept only if x needs a gradient
+        items.append(Extra(f"lora_drop@{node.name}", rows * adapter.d_in * act))
+        if ctx.needs(x):
+            items.append(Extra(f"lora_mask@{node.name}", rows * adapter.d_in * ctx.mask_bytes))
     elif share == 1.0:
         items.append(x)
     else:
@@ -239,7 +241,8 @@ def _lora_saved(analysis: StepAnalysis, ctx: _Context, index: int, plan: Plan) -
 def _dropout_saved(analysis: StepAnalysis, ctx: _Context, plan: Plan):
     """Training-time dropout the inference graph no longer shows (GPT-2/BERT place it after the
     embeddings, on attention probabilities, on the attention output and on the FFN output):
-    each keeps a 1-byte mask where its input needs a gradient; on attention probabilities the
+    each keeps its mask where its input needs a gradient (CUDA's fused kernel: 1-byte bool; the
+    CPU path multiplies by a noise tensor of the input's dtype); on attention probabilities the
     dropped copy is what P·V keeps, beside softmax's own output."""
     if plan.dropout <= 0:
         return []
@@ -250,7 +253,7 @@ def _dropout_saved(analysis: StepAnalysis, ctx: _Context, plan: Plan):
             probs = graph.nodes[block.softmax_node].outputs[0]
             if ctx.needs(probs):
                 elements = ctx.nbytes(probs) // ctx.element_bytes(probs)
-                found.append((f"drop_mask@{probs}", elements, block.softmax_node))
+                found.append((f"drop_mask@{probs}", elements * ctx.mask_bytes, block.softmax_node))
                 found.append((f"drop_probs@{probs}", elements * ctx.precision.activation, block.context_node))
         for site in block.o_sites:
             found += _mask_after(analysis, ctx, site)
@@ -268,7 +271,7 @@ def _mask_after(analysis: StepAnalysis, ctx: _Context, index: int):
     if not ctx.needs(out):
         return []
     shape = ctx.shape(out)
-    return [(f"drop_mask@{out}", numel(shape) if shape else 0, index)]
+    return [(f"drop_mask@{out}", numel(shape) * ctx.mask_bytes if shape else 0, index)]
 
 
 # --------------------------------------------------------------------------- persistent
@@ -307,7 +310,7 @@ def _transient(ctx: _Context, node: Node) -> int:
 
 def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryBytes:
     precision = Precision.of(setup.precision)
-    ctx = _Context(analysis, precision)
+    ctx = _Context(analysis, precision, setup.device)
     graph, roles = analysis.model.graph, analysis.model.roles
     shapes = trainable_shapes(analysis)
     n_trainable = sum(numel(s) for s in shapes)

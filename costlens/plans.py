@@ -73,6 +73,7 @@ class Setup:
     gpu: str | None = None
     mfu: float = 0.4
     moe_dispatch: str = "routed"         # "routed": experts see their k/E of the tokens; "dense": all tokens
+    device: str = "cuda"                 # where the step runs: torch's kernels differ (dropout masks)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -212,6 +213,8 @@ def check_setup(setup: Setup) -> Setup:
         raise PlanError(f"unknown precision {setup.precision!r} (choose from {', '.join(PRECISIONS)})")
     if setup.attention not in ATTENTION_IMPLS:
         raise PlanError(f"unknown attention {setup.attention!r} (choose from {', '.join(ATTENTION_IMPLS)})")
+    if setup.device not in ("cuda", "cpu"):
+        raise PlanError(f"unknown device {setup.device!r} (cuda or cpu)")
     if setup.moe_dispatch not in ("routed", "dense"):
         raise PlanError(f"unknown MoE dispatch {setup.moe_dispatch!r} (routed or dense)")
     if setup.batch <= 0 or (setup.seq is not None and setup.seq <= 0):

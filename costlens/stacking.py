@@ -37,6 +37,7 @@ def stack_ffn(graph: Graph, roles: RoleMap, copies: int, width: int | None = Non
     constants = dict(graph.constants)
     inserts: dict[int, list[Node]] = {}
     renames: dict[str, str] = {}
+    parameters = {u.constant for u in roles.params}
     for layer, unit in sorted(last_units.items()):
         residual, branch = _sublayer(view, unit.down_site)
         old_width = roles.architecture.ffn
@@ -45,7 +46,7 @@ def stack_ffn(graph: Graph, roles: RoleMap, copies: int, width: int | None = Non
         current = stream
         for copy in range(copies):
             prefix = f"{STACKED_PREFIX}{layer}.{copy}/"
-            clone, current = _clone(graph, view, branch, residual, current, prefix, tensors, constants,
+            clone, current = _clone(graph, view, branch, residual, current, prefix, tensors, constants, parameters,
                                     (old_width, width) if width and width != old_width else None)
             added += clone
         inserts[residual] = added
@@ -85,14 +86,17 @@ def _sublayer(view: GraphView, down_site: int) -> tuple[int, list[int]]:
     return residual, sorted(members)
 
 
-def _clone(graph, view, branch, residual, stream, prefix, tensors, constants, resize):
-    """Copy the branch and its residual add onto ``stream``; new names, new parameters."""
+def _clone(graph, view, branch, residual, stream, prefix, tensors, constants, parameters, resize):
+    """Copy the branch and its residual add onto ``stream``; new names, new parameters (buffers
+    such as exponents and epsilons stay shared)."""
     skip = next(x for x in graph.nodes[residual].inputs if view.producer.get(x) not in branch)
     mapping = {skip: stream}
 
     def name(tensor: str) -> str:
         if not tensor or tensor in mapping:
             return mapping.get(tensor, tensor)
+        if tensor in graph.constants and tensor not in parameters:
+            return tensor
         if tensor in graph.constants:
             const = graph.constants[tensor]
             new = prefix + tensor

@@ -11,13 +11,16 @@ Every op is lowered to canonical ONNX op kinds by the rules in ``aten.py`` — t
 one the ONNX front end builds for the same module. Higher-order ops (``no_grad`` and
 autocast regions) are inlined; nodes that do not reach an output are dropped, as an ONNX
 export drops them. Mixture-of-experts modules of transformers are traced in their
-dense-dispatch form (``hf_config.dense_experts``), the form costlens prices.
+dense-dispatch form, the form costlens prices, and activations transformers writes out in
+Python (GPT-2's ``gelu_new``) as their one torch op (``hf_config.canonical_forms``).
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import operator
+import os
 import re
 import sys
 import warnings
@@ -40,6 +43,50 @@ _PASS_FUNCTIONS = {torch.sym_int, torch.sym_float}
 
 class TraceError(CostlensError):
     """The model could not be traced (torch.export failed, or the trace lost batch/seq)."""
+
+
+class SourceError(CostlensError):
+    """An import spec that does not lead to a module factory."""
+
+
+# --------------------------------------------------------------------------- sources
+
+def module_from_spec(spec: str):
+    """``package.module:factory`` -> (module, example inputs or None). The factory runs under
+    ``torch.device("meta")`` so that a big model is never materialized; the current folder
+    is importable, as for ``python -m``."""
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise SourceError(f"{spec}: cannot import module {module_name!r} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - the user's module failed to import
+        raise SourceError(f"{spec}: importing {module_name!r} failed ({type(e).__name__}: {_first_line(e)})") from e
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise SourceError(f"{spec}: module {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise SourceError(f"{spec}: {attribute!r} is not callable (expected a factory returning an nn.Module)")
+    try:
+        with torch.device("meta"):
+            result = target()
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"{spec}: the factory raised {type(e).__name__}: {_first_line(e)}") from e
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
+        return result
+    if isinstance(result, nn.Module):
+        return result, None
+    raise SourceError(f"{spec}: the factory returned a {type(result).__name__}, not an nn.Module "
+                      f"(or a (module, example_inputs) pair)")
 
 
 # --------------------------------------------------------------------------- tracing
@@ -88,7 +135,7 @@ def export_program(module: nn.Module, example_inputs=None, *, source: str = "mod
     args, kwargs = example_args(example_inputs)
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
     dynamic = {**_by_name(module, dyn_args), **dyn_kwargs} if kwargs else dyn_args
-    with _quiet(), _dense_experts(module):
+    with _quiet(), _canonical_forms(module):
         try:
             program = torch.export.export(module.eval(), args, kwargs or None, dynamic_shapes=dynamic, strict=False)
         except Exception as e:  # noqa: BLE001 - any tracing failure is the model's, reported in one line
@@ -123,26 +170,24 @@ def _check_dynamic(program, source: str) -> None:
 @contextlib.contextmanager
 def _quiet():
     """Tracing is chatty (warnings, transformers' logger); the library never prints."""
-    loggers = [logging.getLogger(name) for name in ("transformers", "torch._export", "torch.export", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
+    previous = logging.root.manager.disable
+    # torch.export prints the partial graph of a failed trace to sys.stderr itself
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
+        logging.disable(logging.CRITICAL)
         try:
             yield
         finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+            logging.disable(previous)
 
 
 @contextlib.contextmanager
-def _dense_experts(module: nn.Module):
+def _canonical_forms(module: nn.Module):
     if "transformers" not in sys.modules:
         yield
         return
-    from costlens.frontends.hf_config import dense_experts
-    with dense_experts(module):
+    from costlens.frontends.hf_config import canonical_forms
+    with canonical_forms(module):
         yield
 
 
@@ -175,7 +220,7 @@ def graph_from_program(program, source: str) -> Graph:
     user = [v for kind, v in zip(kinds, outputs) if kind == "USER_OUTPUT" and isinstance(v, Value)]
     if not user:
         raise TraceError(f"{source}: the traced model returns no tensor")
-    return prune(builder.graph(inputs, [v.name for v in user]))
+    return prune(fold_flat_linears(builder.graph(inputs, [v.name for v in user])))
 
 
 def _symbol_names(program) -> dict[str, str]:
@@ -326,6 +371,75 @@ def _scope(node) -> str:
         return ""
     path = path.replace("L['self'].", "").replace("L['self']", "")
     return _BRACKET.sub(r".\1", path).strip(".")
+
+
+# --------------------------------------------------------------------------- canonical passes
+
+def fold_flat_linears(graph: Graph) -> Graph:
+    """Reshape [.., K] -> [n, K], Gemm, Reshape back to [.., N]: one linear on the N-D input,
+    written as torch.onnx writes ``nn.Linear`` there (MatMul with the [K, N] weight, + Add of
+    the bias). transformers' ``Conv1D`` (GPT-2) runs its linears this way."""
+    from dataclasses import replace
+
+    from costlens.ir import Tensor, frozen_map
+    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(graph.nodes):
+        for x in n.inputs:
+            if x:
+                consumers.setdefault(x, []).append(i)
+    dropped: set[int] = set()
+    inserted: dict[int, list[Node]] = {}
+    tensors = dict(graph.tensors)
+    for i, gemm in enumerate(graph.nodes):
+        folded = _flat_linear(graph, i, gemm, producer, consumers)
+        if folded is None:
+            continue
+        flatten, unflatten, x, out_shape = folded
+        weight, bias = gemm.inputs[1], (gemm.inputs[2] if len(gemm.inputs) > 2 else "")
+        nodes, out = [], graph.nodes[unflatten].outputs[0]
+        if gemm.attr("transB", 0):
+            w_shape = tuple(reversed(graph.shape(weight)))
+            tensors[f"{weight}.T@{gemm.name}"] = Tensor(f"{weight}.T@{gemm.name}", w_shape, graph.dtype(weight))
+            nodes.append(Node(f"{gemm.name}.transpose", "Transpose", (weight,), (f"{weight}.T@{gemm.name}",),
+                              frozen_map({"perm": (1, 0)}), gemm.scope))
+            weight = f"{weight}.T@{gemm.name}"
+        product = out if not bias else f"{out}.matmul"
+        if bias:
+            tensors[product] = Tensor(product, out_shape, graph.dtype(out))
+        nodes.append(Node(gemm.name, "MatMul", (x, weight), (product,), frozen_map({}), gemm.scope))
+        if bias:
+            nodes.append(Node(f"{gemm.name}.bias", "Add", (product, bias), (out,), frozen_map({}), gemm.scope))
+        dropped.update((flatten, i, unflatten))
+        inserted[i] = nodes
+    if not inserted:
+        return graph
+    nodes = []
+    for i, node in enumerate(graph.nodes):
+        nodes += inserted.get(i, [])
+        if i not in dropped:
+            nodes.append(node)
+    return replace(graph, nodes=tuple(nodes), tensors=frozen_map(tensors))
+
+
+def _flat_linear(graph: Graph, index: int, gemm: Node, producer, consumers):
+    if gemm.op != "Gemm" or gemm.attr("transA", 0) or gemm.attr("alpha", 1.0) != 1.0 or gemm.attr("beta", 1.0) != 1.0:
+        return None
+    flatten = producer.get(gemm.inputs[0])
+    users = consumers.get(gemm.outputs[0], [])
+    if flatten is None or len(users) != 1 or consumers.get(gemm.inputs[0]) != [index]:
+        return None
+    unflatten = users[0]
+    if graph.nodes[flatten].op != "Reshape" or graph.nodes[unflatten].op != "Reshape":
+        return None
+    x = graph.nodes[flatten].inputs[0]
+    x_shape, out_shape = graph.shape(x), graph.shape(graph.nodes[unflatten].outputs[0])
+    gemm_shape = graph.shape(gemm.outputs[0])
+    if not x_shape or not out_shape or not gemm_shape or len(x_shape) < 3:
+        return None
+    if tuple(out_shape[:-1]) != tuple(x_shape[:-1]) or out_shape[-1] != gemm_shape[-1]:
+        return None
+    return flatten, unflatten, x, out_shape
 
 
 # --------------------------------------------------------------------------- pruning

@@ -28,9 +28,11 @@ from torch import nn
 from costlens.api import Model
 from costlens.frontends.onnx import external_location, resolve_external_path
 from costlens.gradients import Adapter, StepAnalysis
-from costlens.measure.torch_ops import run_op
+from costlens.errors import CostlensError
+from costlens.measure.torch_ops import OPS, run_op
 from costlens.memory import rsqrt_sqrt_outputs, silu_sigmoid_outputs
 from costlens.plans import Plan
+from costlens.stacking import STACKED_PREFIX
 
 SAFE = re.compile(r"[^0-9A-Za-z_]")
 
@@ -60,6 +62,9 @@ class GraphExecutor(nn.Module):
     def __init__(self, model: Model, values: dict[str, np.ndarray], analysis: StepAnalysis, plan: Plan,
                  seed: int = 0):
         super().__init__()
+        missing = sorted({n.op for n in model.graph.nodes if n.op not in OPS})
+        if missing:
+            raise CostlensError(f"cannot run this graph as a torch module: no implementation of {', '.join(missing)}")
         self.graph, self.roles, self.analysis, self.plan = model.graph, model.roles, analysis, plan
         generator = torch.Generator().manual_seed(seed)
         self.params = nn.ParameterDict()
@@ -192,7 +197,10 @@ class _LoRA(nn.Module):
 def _value(values: dict, const, generator: torch.Generator) -> torch.Tensor:
     if const.name in values:
         return torch.from_numpy(np.array(values[const.name], dtype=np.float32))
-    # a constant the plan added (stacked FFN): initialize like nn.Linear / norms would
+    original = const.name.split("/", 2)[-1] if const.name.startswith(STACKED_PREFIX) else None
+    if original in values and tuple(values[original].shape) == tuple(const.shape):
+        return torch.from_numpy(np.array(values[original], dtype=np.float32))   # a stacked copy starts as its model
+    # a constant the plan added with a new shape: initialize like nn.Linear / norms would
     shape = const.shape
     if len(shape) == 1:
         return torch.ones(shape)

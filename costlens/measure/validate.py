@@ -42,6 +42,8 @@ class Comparison:
 class Validation:
     plan: Plan
     setup: Setup
+    batch: int
+    seq: int
     device: str
     source: str
     comparisons: tuple[Comparison, ...]
@@ -72,7 +74,7 @@ def validate_onnx(path: str | Path, plan: Plan, setup: Setup, device: str = "cpu
     from costlens.measure.executor import GraphExecutor, initializer_values
     from costlens.measure.step import measure_step
 
-    setup = check_setup(setup)
+    setup = check_setup(replace(setup, device=device))
     _measurable(setup, device)
     base = load(path)
     notes = []
@@ -104,5 +106,5 @@ def _compare(result: Estimate, measured, setup: Setup, device: str, source: str,
         Comparison("activation bytes", memory.activations, measured.saved_activation_bytes, tolerance),
         Comparison("peak bytes", memory.peak, measured.peak_bytes, tolerance),
     )
-    return Validation(result.plan, setup, device, source, comparisons, memory.peak_phase,
+    return Validation(result.plan, setup, result.batch, result.seq, device, source, comparisons, memory.peak_phase,
                       str(getattr(measured.peak_phase, "value", measured.peak_phase)), notes)

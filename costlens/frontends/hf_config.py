@@ -1,0 +1,225 @@
+"""Hugging Face configs -> meta-device modules (transformers belongs to the torch extra).
+
+A ``config.json`` (or a model folder holding one) is read as JSON and turned into the
+architecture's config class; the model is built from it with ``AutoModelForCausalLM`` on the
+meta device, in float32 and with eager attention (so the attention core is visible in the
+trace). Nothing is downloaded — the hub is switched offline before transformers is imported
+and configs with custom code (``auto_map``) are refused — and no weight file is opened.
+
+MoE experts of transformers 5.x (fused 3-D tensors run by ``_grouped_mm`` or a per-token
+weight gather) are traced in their dense-dispatch form: every expert's matmul over all
+tokens, combined by the router's sparse top-k weights. The result is the same; the form is
+the one costlens prices, counting each expert matmul at k/E of the tokens — the routed
+tokens only.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import types
+from pathlib import Path
+
+from costlens.errors import CostlensError
+
+
+class ConfigError(CostlensError):
+    """A config costlens cannot build a model from (unreadable, unsupported architecture)."""
+
+
+def transformers_offline():
+    """Import transformers with the hub switched off (never a download)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as e:
+        raise ConfigError("reading a Hugging Face config needs transformers (pip install 'costlens[torch]')") from e
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def is_config_source(path: Path) -> bool:
+    return path.is_dir() or path.suffix.lower() == ".json"
+
+
+def read_config(source: str | os.PathLike):
+    """The transformers config of a ``config.json`` file or a folder holding one."""
+    path = Path(source)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"{source}: no config.json found" if path.is_dir() else f"{source}: no such file")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file}: not a readable JSON config ({e})") from e
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ConfigError(f"{file}: not a Hugging Face config (no model_type)")
+    transformers = transformers_offline()
+    model_type = data.pop("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise ConfigError(f"{file}: unsupported architecture {model_type!r} "
+                          f"(not in transformers {transformers.__version__}; custom code is never run)")
+    try:
+        return transformers.AutoConfig.for_model(model_type, **data)
+    except Exception as e:  # noqa: BLE001 - a malformed config, reported in one line
+        raise ConfigError(f"{file}: invalid {model_type} config ({type(e).__name__}: {e})") from e
+
+
+def build_model(config, source: str = "config"):
+    """The causal-LM module of ``config`` on the meta device (float32, eager attention)."""
+    import torch
+    transformers = transformers_offline()
+    config = copy.deepcopy(config)
+    config.use_cache = False
+    model_type = getattr(config, "model_type", "?")
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ConfigError(f"{source}: unsupported architecture {model_type!r} (transformers "
+                          f"{transformers.__version__} has no causal-LM model for it)")
+    try:
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                                 dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{source}: could not build a {model_type} model from its config "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def layer_count(config) -> int | None:
+    value = getattr(config, "num_hidden_layers", None)
+    return value if isinstance(value, int) else None
+
+
+def shallow_config(config, layers: int):
+    """A copy with ``layers`` blocks; per-layer lists are cut to their first entries."""
+    full = layer_count(config)
+    shallow = copy.deepcopy(config)
+    for key, value in vars(config).items():
+        if isinstance(value, (list, tuple)) and full and len(value) == full and not key.startswith("_"):
+            setattr(shallow, key, type(value)(value[:layers]))
+    shallow.num_hidden_layers = layers
+    return shallow
+
+
+# --------------------------------------------------------------------------- structure
+
+def layer_container(model, layers: int) -> str | None:
+    """Module path of the ModuleList holding the model's ``layers`` repeated blocks."""
+    from torch import nn
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == layers and layers > 0:
+            kinds = {type(m) for m in module}
+            if len(kinds) == 1:
+                return name
+    return None
+
+
+def layer_signature(block) -> tuple:
+    """What makes two blocks the same: submodule types, parameter shapes and every plain
+    attribute (sliding windows, layer types, ...) except the block's own index."""
+    items = []
+    for name, module in block.named_modules():
+        attrs = tuple(sorted((k, v) for k, v in vars(module).items()
+                             if isinstance(v, (int, float, str, bool, type(None)))
+                             and k not in ("layer_idx", "layer_id", "training", "_is_full_backward_hook")))
+        params = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
+        items.append((name, type(module).__name__, attrs, params))
+    return tuple(items)
+
+
+# --------------------------------------------------------------------------- MoE
+
+def _is_fused_experts(module) -> bool:
+    """transformers' ``@use_experts_implementation`` experts: 3-D gate_up/up and down tensors."""
+    up = getattr(module, "gate_up_proj", None) if getattr(module, "has_gate", False) else getattr(module, "up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return (hasattr(module, "is_transposed") and getattr(up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3)
+
+
+def dense_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """All experts on all tokens, weighted by the sparse combine matrix (dense dispatch).
+    hidden [t, d], top_k_index / top_k_weights [t, k] -> [t, d]."""
+    import torch
+    up = self.gate_up_proj if self.has_gate else self.up_proj
+    experts = up.shape[0]
+    combine = hidden_states.new_zeros((hidden_states.shape[0], experts))
+    combine = combine.scatter(-1, top_k_index, top_k_weights.to(combine.dtype))           # [t, E]
+    h = torch.matmul(hidden_states, up if self.is_transposed else up.transpose(1, 2))     # [E, t, 2F]
+    if self.has_bias:
+        h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias).unsqueeze(1)
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)                          # [E, t, F]
+    out = torch.matmul(h, self.down_proj if self.is_transposed else self.down_proj.transpose(1, 2))  # [E, t, d]
+    if self.has_bias:
+        out = out + self.down_proj_bias.unsqueeze(1)
+    if getattr(self, "has_post_expert_norm", False):
+        out = self.post_expert_norm(out)
+    out = (out * combine.t().unsqueeze(-1)).sum(dim=0)                                    # [t, d]
+    return out.to(hidden_states.dtype)
+
+
+# transformers activations written out in Python that are one torch op: GPT-2's gelu_new is
+# 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), i.e. gelu(x, approximate="tanh").
+_ONE_OP_ACTIVATIONS = {
+    "NewGELUActivation": lambda x: _F().gelu(x, approximate="tanh"),
+    "FastGELUActivation": lambda x: _F().gelu(x, approximate="tanh"),
+    "AccurateGELUActivation": lambda x: _F().gelu(x, approximate="tanh"),
+    "GELUTanh": lambda x: _F().gelu(x, approximate="tanh"),
+    "GELUActivation": lambda x: _F().gelu(x),
+    "MishActivation": lambda x: _F().mish(x),
+}
+
+
+def _F():
+    import torch.nn.functional as F
+    return F
+
+
+@contextlib.contextmanager
+def canonical_forms(model):
+    """Trace transformers experts in dense-dispatch form and Python-written activations as
+    their one torch op (instance patches, undone afterwards; the arithmetic is the same)."""
+    patched = []
+    for module in model.modules():
+        if _is_fused_experts(module):
+            module.forward = types.MethodType(dense_experts_forward, module)
+            patched.append(module)
+        elif type(module).__name__ in _ONE_OP_ACTIVATIONS and type(module).__module__.startswith("transformers."):
+            module.forward = _ONE_OP_ACTIVATIONS[type(module).__name__]
+            patched.append(module)
+    try:
+        yield patched
+    finally:
+        for module in patched:
+            del module.forward
+
+
+# --------------------------------------------------------------------------- the front end
+
+def load_config_graph(config, *, source: str = "config", shallow: bool = True):
+    """The graph IR of the model a config describes. With ``shallow`` (the default) a model
+    whose blocks are all alike is traced with two blocks and the graph replicated to full
+    depth (replicate.py); otherwise, or when the blocks differ, the full model is traced."""
+    from costlens.frontends.replicate import ReplicationError, replicate_blocks
+    from costlens.frontends.torch_export import load_torch
+
+    model = build_model(config, source)
+    layers = layer_count(config)
+    container = layer_container(model, layers) if layers else None
+    if shallow and layers and layers > 2 and container and _uniform(model, container, layers):
+        small = build_model(shallow_config(config, 2), source)
+        if layer_container(small, 2) == container and all(
+                layer_signature(small.get_submodule(f"{container}.{i}"))
+                == layer_signature(model.get_submodule(f"{container}.{i}")) for i in (0, 1)):
+            graph = load_torch(small, source=source)
+            try:
+                return replicate_blocks(graph, container, layers)
+            except ReplicationError:
+                pass
+    return load_torch(model, source=source)
+
+
+def _uniform(model, container: str, layers: int) -> bool:
+    blocks = model.get_submodule(container)
+    first = layer_signature(blocks[0])
+    return all(layer_signature(blocks[i]) == first for i in range(1, layers))

@@ -1,0 +1,80 @@
+"""`costlens validate` and the graph executor (needs the torch extra)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the torch extra (pip install -e '.[torch]')")
+
+from click.testing import CliRunner  # noqa: E402
+
+import costlens  # noqa: E402
+from conftest import FIXTURES, TORCH_FIXTURES  # noqa: E402
+from costlens.cli import main  # noqa: E402
+from costlens.gradients import analyze  # noqa: E402
+from costlens.measure.executor import GraphExecutor, initializer_values  # noqa: E402
+from costlens.plans import parse_plan_spec  # noqa: E402
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("name", TORCH_FIXTURES)
+def test_executor_reproduces_onnxruntime(name):
+    """The graph run as a torch module computes what onnxruntime computes from the same file."""
+    import onnxruntime as ort
+    path = FIXTURES / f"{name}.onnx"
+    model = costlens.load(path)
+    plan = parse_plan_spec("full")
+    module = GraphExecutor(model, initializer_values(path), analyze(model, plan, {"batch": 2, "seq": 16}), plan)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = module(ids).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    assert np.abs(ours - reference).max() < 1e-3
+    # one parameter per structural use, as in the torch module (the tie counted once)
+    assert sum(p.numel() for p in module.parameters()) == model.roles.params_total
+
+
+def test_validate_within_tolerance_json():
+    result = run("validate", str(FIXTURES / "llama.onnx"), "--lora", "attn", "--seq", "32", "--batch", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["schema"] == "costlens.validate/1" and document["ok"]
+    by_name = {c["quantity"]: c for c in document["comparisons"]}
+    assert by_name["trainable params"]["estimated"] == by_name["trainable params"]["measured"] == 7168
+    assert abs(by_name["peak bytes"]["error"]) < 0.05
+    assert "measuring two training steps" in result.stderr       # progress goes to stderr
+
+
+def test_validate_outside_tolerance_exits_1():
+    # no estimate is exact to the byte (the measured step also keeps the input ids): zero tolerance fails
+    result = run("validate", str(FIXTURES / "gpt2.onnx"), "--seq", "16", "--tolerance", "0")
+    assert result.exit_code == 1
+    assert "OUTSIDE" in result.stdout
+
+
+@pytest.mark.parametrize("args, cause", [
+    (["--precision", "bf16-mixed"], "fp32"),
+    (["--attention", "fused"], "eager"),
+    (["--optimizer", "adafactor"], "adamw, sgd or sgd-momentum"),
+])
+def test_validate_refuses_what_it_cannot_measure(args, cause):
+    result = run("validate", str(FIXTURES / "llama.onnx"), "--seq", "16", *args)
+    assert result.exit_code == 2 and cause in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_validate_contrib_graph_says_which_op():
+    result = run("validate", str(FIXTURES / "genai_dense.onnx"), "--seq", "16")
+    line = result.stderr.splitlines()[-1]
+    assert result.exit_code == 2 and "no implementation of" in line and "GroupQueryAttention" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no CUDA device exists")
+def test_validate_cuda_without_a_gpu():
+    result = run("validate", str(FIXTURES / "llama.onnx"), "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA device" in result.stderr
