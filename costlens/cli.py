@@ -168,8 +168,10 @@ def plan(model, as_json, **options) -> None:
               help="Where the measured step runs (cuda: allocator peak; cpu: exact live tensor storage).")
 @click.option("--tolerance", type=float, default=0.05, show_default=True,
               help="Largest relative error of a memory figure (FLOPs: 1%; trainable parameters: exact).")
+@click.option("--inference", is_flag=True,
+              help="Also measure onnxruntime's inference memory in a fresh process (shown, not judged).")
 @friendly_errors
-def validate(model, device, tolerance, as_json, **options) -> None:
+def validate(model, device, tolerance, inference, as_json, **options) -> None:
     """Measure a real training step of the plan and compare it with the estimate (exit 1 when
     a figure is outside tolerance). Needs the torch extra."""
     try:
@@ -179,10 +181,12 @@ def validate(model, device, tolerance, as_json, **options) -> None:
     from costlens.render.validate import validation_document, validation_text
 
     spec, chosen = _plan(options)
+    if options["optimizer_impl"] is None and device == "cuda":
+        options["optimizer_impl"] = "foreach"           # torch's default on CUDA
     setup = _setup(options)
     if device == "cuda" and not _cuda_available():
         raise CostlensError("--device cuda: no CUDA device is available here")
-    result = validate_onnx(model, chosen, setup, device=device, tolerance=tolerance,
+    result = validate_onnx(model, chosen, setup, device=device, tolerance=tolerance, inference=inference,
                            progress=lambda message: click.echo(f"costlens: {message}...", err=True))
     document = validation_document(result, model, spec)
     click.echo(json.dumps(document, indent=2) if as_json else validation_text(document))

@@ -406,3 +406,31 @@ def _layer_inputs(analysis: StepAnalysis, ctx: _Context) -> int:
 
 def _largest_activation(ctx: _Context) -> int:
     return max((ctx.nbytes(o) for n in ctx.graph.nodes for o in n.outputs if o), default=0)
+
+
+# --------------------------------------------------------------------------- inference
+
+def inference_activation_peak(analysis: StepAnalysis, precision_name: str = "fp32") -> int:
+    """Peak bytes of live activations in a forward pass without autograd: each storage lives
+    from the node that makes it to the last node that reads it (an inference runtime's memory
+    planner reuses the rest). Views share their base's storage."""
+    ctx = _Context(analysis, Precision.of(precision_name))
+    graph = analysis.model.graph
+    last_use: dict[str, int] = {}
+    for index, node in enumerate(graph.nodes):
+        for name in node.inputs:
+            if name:
+                last_use[ctx.storage(name)] = index
+    for name in graph.outputs:
+        last_use[ctx.storage(name)] = len(graph.nodes)
+    live: dict[str, int] = {}
+    peak = 0
+    for index, node in enumerate(graph.nodes):
+        for out in node.outputs:
+            root = ctx.storage(out) if out else ""
+            if out and root == out and out not in analysis.weights:
+                live[out] = ctx.nbytes(out)
+        peak = max(peak, sum(live.values()))
+        for name in [n for n in live if last_use.get(n, -1) <= index]:
+            del live[name]
+    return peak

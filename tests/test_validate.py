@@ -78,3 +78,11 @@ def test_validate_contrib_graph_says_which_op():
 def test_validate_cuda_without_a_gpu():
     result = run("validate", str(FIXTURES / "llama.onnx"), "--device", "cuda")
     assert result.exit_code == 2 and "no CUDA device" in result.stderr
+
+
+def test_validate_with_onnxruntime_inference_row():
+    result = run("validate", str(FIXTURES / "llama.onnx"), "--seq", "32", "--inference", "--json")
+    assert result.exit_code == 0, result.stderr
+    row = next(c for c in json.loads(result.stdout)["comparisons"] if c["quantity"].startswith("inference"))
+    # weights alone are 158,016 x 4 bytes; the session also holds activations and its arena
+    assert row["measured"] > 158_016 * 4 and row["tolerance"] is None and row["ok"]

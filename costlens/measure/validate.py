@@ -25,7 +25,7 @@ class Comparison:
     quantity: str
     estimated: int
     measured: int
-    tolerance: float          # relative; 0 means it must be exact
+    tolerance: float | None   # relative; 0 means it must be exact; None: shown, not judged
 
     @property
     def error(self) -> float:
@@ -35,6 +35,8 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
+        if self.tolerance is None:
+            return True
         return self.estimated == self.measured if self.tolerance == 0 else abs(self.error) <= self.tolerance
 
 
@@ -69,7 +71,7 @@ def _measurable(setup: Setup, device: str) -> None:
 
 
 def validate_onnx(path: str | Path, plan: Plan, setup: Setup, device: str = "cpu", tolerance: float = 0.05,
-                  progress: Callable[[str], None] = lambda message: None) -> Validation:
+                  progress: Callable[[str], None] = lambda message: None, inference: bool = False) -> Validation:
     """Price and measure one plan of an ONNX model. Needs the torch extra."""
     from costlens.measure.executor import GraphExecutor, initializer_values
     from costlens.measure.step import measure_step
@@ -90,7 +92,27 @@ def validate_onnx(path: str | Path, plan: Plan, setup: Setup, device: str = "cpu
     progress(f"measuring two training steps on {device} (batch {result.batch}, seq {result.seq})")
     measured = measure_step(module, result.batch, result.seq, model.roles.architecture.vocab, setup.optimizer,
                             setup.optimizer_impl, device=device)
-    return _compare(result, measured, setup, device, "onnx", tolerance, tuple(notes))
+    validation = _compare(result, measured, setup, device, "onnx", tolerance, tuple(notes))
+    if inference:
+        progress("measuring inference in onnxruntime (a fresh process)")
+        validation = _with_inference(validation, path, model, result)
+    return validation
+
+
+def _with_inference(validation: Validation, path, model: Model, result: Estimate) -> Validation:
+    """onnxruntime's peak resident set over its pre-session baseline, beside weights plus the
+    forward pass's live-activation peak. Shown, not judged: the runtime's own arena and kernel
+    overheads (tens of MB) dominate small models."""
+    from costlens.measure.inference import measure_ort_inference
+    from costlens.memory import inference_activation_peak
+
+    analysis = analyze(model, Plan(name="inference", train=("all",)), {"batch": result.batch, "seq": result.seq},
+                       routed=False)
+    estimated = model.roles.params_total * 4 + inference_activation_peak(analysis)
+    measured = measure_ort_inference(path, result.batch, result.seq, model.roles.architecture.vocab)
+    row = Comparison(f"inference bytes ({measured.provider})", estimated, measured.session_bytes, None)
+    note = "inference: onnxruntime's arena and kernel overheads are included in the measurement"
+    return replace(validation, comparisons=validation.comparisons + (row,), notes=validation.notes + (note,))
 
 
 def _compare(result: Estimate, measured, setup: Setup, device: str, source: str, tolerance: float,

@@ -27,9 +27,15 @@ def validation_document(result: Validation, source: str, spec: str) -> dict:
     }
 
 
+def _tolerance(value) -> str:
+    if value is None:
+        return "shown"
+    return "exact" if value == 0 else f"±{100 * value:g}%"
+
+
 def validation_text(document: dict) -> str:
     rows = [[c["quantity"], f"{c['estimated']:,}", f"{c['measured']:,}", f"{100 * c['error']:+.2f}%",
-             "exact" if c["tolerance"] == 0 else f"±{100 * c['tolerance']:g}%", "ok" if c["ok"] else "OUTSIDE"]
+             _tolerance(c["tolerance"]), "-" if c["tolerance"] is None else "ok" if c["ok"] else "OUTSIDE"]
             for c in document["comparisons"]]
     setup = document["setup"]
     lines = [f"Model: {document['model']['source']}  plan: {document['plan']['spec']}",
