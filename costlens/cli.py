@@ -7,39 +7,11 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import wraps
 
 import click
 
+from costlens.cli_errors import friendly_errors
 from costlens.errors import CostlensError
-
-EXIT_BAD_INPUT = 2
-
-
-def _fail(message: str) -> None:
-    click.echo(f"costlens: error: {message}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
-
-
-def friendly_errors(command):
-    """Turn library errors (and any crash on a hostile file) into one line and exit 2."""
-    @wraps(command)
-    def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            return command(*args, **kwargs)
-        except CostlensError as e:
-            if debug:
-                raise
-            _fail(str(e))
-        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
-            raise
-        except Exception as e:  # noqa: BLE001 - a model file must never produce a traceback
-            if debug:
-                raise
-            _fail(f"could not analyse the model ({type(e).__name__}: {e}); rerun with --debug for details")
-    return wrapper
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")

@@ -10,33 +10,14 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import wraps
 from pathlib import Path
 
 import click
 
+from costlens.cli_errors import friendly_errors
 from costlens.errors import CostlensError
 
 EXIT_OVER_BUDGET = 1
-EXIT_BAD_INPUT = 2
-
-
-def _one_line_errors(command):
-    """Library errors (and any crash on a hostile file) -> `costlens: error: ...` and exit 2."""
-    @wraps(command)
-    def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            return command(*args, **kwargs)
-        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
-            raise
-        except Exception as e:  # noqa: BLE001 - CostlensError, or a crash on hostile input
-            if debug:
-                raise
-            message = str(e) if isinstance(e, CostlensError) else f"{type(e).__name__}: {e}"
-            click.echo(f"costlens: error: {message}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
-    return wrapper
 
 
 def write_html(document: dict, path: str | Path, verdicts=(), gpu: str | None = None) -> None:
@@ -75,7 +56,7 @@ def read_plan_document(path: str) -> dict:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
 @click.option("--gpu", help="Draw this accelerator's memory line (e.g. h100-80gb) [default: the document's].")
 @click.option("--budget", type=click.Path(dir_okay=False), help="Also show verdicts of this budget file.")
-@_one_line_errors
+@friendly_errors
 def report(result: str, output: str, gpu: str | None, budget: str | None) -> None:
     """Render RESULT.json (saved `costlens compare --json` output; '-' reads stdin) as one HTML page."""
     from costlens.budgets import judge, load_budget
@@ -108,7 +89,7 @@ def _same_setup(budget, document: dict, source: str) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the verdicts to this file (the text summary still goes to stdout).")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Also write the HTML report with verdicts.")
-@_one_line_errors
+@friendly_errors
 def check(model: str, budget: str, output_format: str, output: str | None, html_path: str | None) -> None:
     """Price the budget file's plans for MODEL; exit 1 when a limit is exceeded."""
     import costlens

@@ -28,3 +28,19 @@ def loaded():
             cache[name] = costlens.load(FIXTURES / f"{name}.onnx")
         return cache[name]
     return get
+
+
+def per_layer(roles) -> dict:
+    """{"none" | "0" | ...: {role: params}} of a RoleMap, zero-count (tied) uses left out."""
+    totals: dict[str, dict[str, int]] = {}
+    for use in roles.params:
+        if use.n_params == 0:
+            continue
+        key = "none" if use.layer is None else str(use.layer)
+        totals.setdefault(key, {}).setdefault(use.role.value, 0)
+        totals[key][use.role.value] += use.n_params
+    return totals
+
+
+def nonzero(mapping: dict) -> dict:
+    return {k: v for k, v in mapping.items() if v}

@@ -10,24 +10,9 @@ from __future__ import annotations
 import pytest
 
 from costlens.roles import Role
-from conftest import FIXTURES, truth
+from conftest import FIXTURES, nonzero, per_layer, truth
 
 GENAI_FIXTURES = ["genai_dense", "genai_moe"]
-
-
-def per_layer(roles) -> dict:
-    totals: dict[str, dict[str, int]] = {}
-    for use in roles.params:
-        if use.n_params == 0:
-            continue
-        key = "none" if use.layer is None else str(use.layer)
-        totals.setdefault(key, {}).setdefault(use.role.value, 0)
-        totals[key][use.role.value] += use.n_params
-    return totals
-
-
-def nonzero(mapping: dict) -> dict:
-    return {k: v for k, v in mapping.items() if v}
 
 
 @pytest.mark.parametrize("name", GENAI_FIXTURES)

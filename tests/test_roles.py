@@ -6,23 +6,8 @@ import pytest
 
 import costlens
 from costlens.roles import Role
-from conftest import FIXTURES, TORCH_FIXTURES, truth
+from conftest import FIXTURES, TORCH_FIXTURES, nonzero, per_layer, truth
 from anonymize import anonymize
-
-
-def per_layer(model) -> dict:
-    totals: dict[str, dict[str, int]] = {}
-    for use in model.roles.params:
-        if use.n_params == 0:
-            continue
-        key = "none" if use.layer is None else str(use.layer)
-        totals.setdefault(key, {}).setdefault(use.role.value, 0)
-        totals[key][use.role.value] += use.n_params
-    return totals
-
-
-def nonzero(mapping: dict) -> dict:
-    return {k: v for k, v in mapping.items() if v}
 
 
 @pytest.mark.parametrize("name", TORCH_FIXTURES)
@@ -34,7 +19,7 @@ def test_role_counts_equal_truth(loaded, name):
 
 @pytest.mark.parametrize("name", TORCH_FIXTURES)
 def test_per_layer_counts_equal_truth(loaded, name):
-    assert per_layer(loaded(name)) == truth(name)["params_by_layer"]
+    assert per_layer(loaded(name).roles) == truth(name)["params_by_layer"]
 
 
 @pytest.mark.parametrize("name", TORCH_FIXTURES)
@@ -62,7 +47,7 @@ def test_anonymized_copy_gives_the_same_roles(tmp_path, name):
     onnx.save(anonymize(onnx.load(str(FIXTURES / f"{name}.onnx"))), str(path))
     model = costlens.load(path)
     assert nonzero(model.roles.params_by_role()) == truth(name)["params_by_role"]
-    assert per_layer(model) == truth(name)["params_by_layer"]
+    assert per_layer(model.roles) == truth(name)["params_by_layer"]
     assert all(p.hint == "" for p in model.roles.params)
 
 
