@@ -72,13 +72,16 @@ def _setup(options: dict):
     return Setup(**values)
 
 
-def _run_plans(model, plans: list, setup, as_json: bool, html_path: str | None = None) -> None:
-    """model: a loaded Model; plans: (spec text, Plan) pairs."""
+def _run_plans(model, plans: list, setup, as_json: bool, html_path: str | None = None,
+               validate_on: str | None = None) -> None:
+    """model: a loaded Model; plans: (spec text, Plan) pairs; validate_on: a device to measure on."""
     from costlens.estimate import estimate
     from costlens.render.plan import plan_document, plan_text
 
     results = [(spec, estimate(model, plan, setup)) for spec, plan in plans]
     document = plan_document(model, results)
+    if validate_on:
+        _attach_validation(document, model, plans, setup, validate_on)
     if html_path:
         from costlens.cli_ci import write_html
         write_html(document, html_path)
@@ -117,6 +120,19 @@ def _plan(options: dict):
     values = {key: options.pop(key) for key in PLAN_OPTION_KEYS}
     spec = ";".join(f"{key.replace('_', '-')}={value}" for key, value in values.items() if value) or "full"
     return spec, plan_from_options(spec, **values)
+
+
+def _attach_validation(document: dict, model, plans: list, setup, device: str) -> None:
+    """plans[].validation = {quantity: {estimated, measured, error}} from a measured step each."""
+    try:
+        from costlens.measure.validate import validate_onnx
+    except ImportError as e:
+        raise CostlensError(f"--validate needs the torch extra (pip install 'costlens[torch]'): {e}") from e
+    for entry, (spec, chosen) in zip(document["plans"], plans):
+        click.echo(f"costlens: validating plan {entry['name']}...", err=True)
+        result = validate_onnx(model.graph.source, chosen, setup, device=device)
+        entry["validation"] = {c.quantity: {"estimated": c.estimated, "measured": c.measured, "error": c.error}
+                               for c in result.comparisons}
 
 
 @main.command()
@@ -180,9 +196,11 @@ def _cuda_available() -> bool:
                    "alpha, stop-grad; e.g. 'moe-lora:lora=attn,router,experts;rank=attn=8,router=4,experts=4'.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False),
               help="Also write a self-contained HTML report to this file.")
+@click.option("--validate", "validate_on", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Also measure each plan on this device and attach the errors (torch extra; minutes on big models).")
 @setup_options
 @friendly_errors
-def compare(model, plans_file, plans, html_path, as_json, **setup) -> None:
+def compare(model, plans_file, plans, html_path, validate_on, as_json, **setup) -> None:
     """Price several plans of MODEL side by side (default: a set that fits the model)."""
     from costlens.api import load
     from costlens.estimate import default_plans
@@ -193,7 +211,7 @@ def compare(model, plans_file, plans, html_path, as_json, **setup) -> None:
     chosen += [(spec, parse_plan_spec(spec)) for spec in plans]
     if not chosen:
         chosen = [(spec, parse_plan_spec(spec)) for spec in default_plans(loaded)]
-    _run_plans(loaded, chosen, _setup(setup), as_json, html_path)
+    _run_plans(loaded, chosen, _setup(setup), as_json, html_path, validate_on)
 
 
 from costlens.cli_ci import register  # noqa: E402  (cli_ci never imports cli)

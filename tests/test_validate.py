@@ -86,3 +86,14 @@ def test_validate_with_onnxruntime_inference_row():
     row = next(c for c in json.loads(result.stdout)["comparisons"] if c["quantity"].startswith("inference"))
     # weights alone are 158,016 x 4 bytes; the session also holds activations and its arena
     assert row["measured"] > 158_016 * 4 and row["tolerance"] is None and row["ok"]
+
+
+def test_compare_validate_attaches_measurements_to_the_report(tmp_path):
+    html = tmp_path / "report.html"
+    result = run("compare", str(FIXTURES / "llama.onnx"), "--plan", "lora:lora=attn", "--seq", "32", "--batch", "2",
+                 "--validate", "cpu", "--html", str(html), "--json")
+    assert result.exit_code == 0, result.stderr
+    (plan,) = json.loads(result.stdout)["plans"]
+    peak = plan["validation"]["peak bytes"]
+    assert abs(peak["error"]) < 0.05 and peak["measured"] > 0
+    assert "peak bytes" in html.read_text()
