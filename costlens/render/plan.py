@@ -25,13 +25,19 @@ def _layers(result: Estimate, model: Model) -> list[dict]:
         uses = [u for u in model.roles.params if u.layer == layer]
         entries.append({
             "layer": layer,
-            "trainable": [u.key for u in uses if u.key in trainable],
-            "adapters": [u.key for u in uses if u.key in adapted],
+            "trainable": [_display(u) for u in uses if u.key in trainable],
+            "adapters": [_display(u) for u in uses if u.key in adapted],
             "trainable_params": sum(u.n_params for u in uses if u.key in trainable)
             + sum(a.n_params for a in result.adapters if a.key in {u.key for u in uses}),
             "activation_bytes": activation.get(layer, 0),
         })
     return entries
+
+
+def _display(use) -> str:
+    """The module path the exporter recorded and the tensor's kind (initializer names such as
+    val_123 say nothing), or the parameter's key where there is no hint."""
+    return f"{use.hint} ({use.kind})" if use.hint else use.key
 
 
 def _plan_entry(result: Estimate, spec: str, model: Model) -> dict:
