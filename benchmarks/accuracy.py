@@ -23,8 +23,13 @@ import costlens  # noqa: E402
 from costlens.measure.validate import validate_onnx  # noqa: E402
 from costlens.plans import Setup, parse_plan_spec  # noqa: E402
 
-FIXTURES = ["gpt2", "llama", "moe", "moe_fused", "stacked_ffn", "bert"]
+FIXTURES = ["gpt2", "llama", "moe", "moe_fused", "stacked_ffn", "bert", "genai_dense", "genai_moe"]
+# Default plans the executor cannot run yet: LoRA on com.microsoft.MoE's two 3-D expert weights
+# (fc1 and fc2 share one site; the executor and the adapter index hold one adapter per site)
+UNSUPPORTED = {("genai_moe", "lora-attn-router-experts")}
 SIZES = [(2, 32), (4, 64), (8, 128)]
+# the genai fixtures' rotary caches hold 64 positions (onnxruntime cannot run them longer)
+SIZES_FOR = {"genai_dense": [(2, 32), (4, 64), (8, 64)], "genai_moe": [(2, 32), (4, 64), (8, 64)]}
 # Plans beyond the defaults that exercise other parts of the model: (fixture, spec, setup overrides)
 EXTRA = [
     ("gpt2", "dropout:dropout=0.1", {}),
@@ -43,14 +48,15 @@ QUANTITIES = ("peak bytes", "activation bytes", "step FLOPs", "trainable params"
 def cases():
     for fixture in FIXTURES:
         for spec in costlens.default_plans(costlens.load(ROOT / "fixtures" / f"{fixture}.onnx")):
-            yield fixture, spec, {}
+            if (fixture, spec.split(":")[0]) not in UNSUPPORTED:
+                yield fixture, spec, {}
     yield from EXTRA
 
 
 def run(device: str):
     rows = []
     for fixture, spec, overrides in cases():
-        for batch, seq in SIZES:
+        for batch, seq in SIZES_FOR.get(fixture, SIZES):
             setup = Setup(batch=batch, seq=seq, **overrides)
             result = validate_onnx(ROOT / "fixtures" / f"{fixture}.onnx", parse_plan_spec(spec), setup, device=device)
             by_name = {c.quantity: c for c in result.comparisons}

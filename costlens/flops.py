@@ -106,7 +106,13 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
             continue
         if checkpointing and analysis.model.roles.node_layers[index] is not None:
             recompute += flops + lora
-        for operand in _operands(node) if flops else ():
+        family = _family(node)
+        if family is Family.FUSED_ATTENTION and flops:
+            backward_input += _fused_attention_backward(analysis, node, flops)
+        elif family is Family.FUSED_MOE and flops:
+            moe_input, moe_weight = _fused_moe_backward(analysis, index)
+            backward_input, backward_weight = backward_input + moe_input, backward_weight + moe_weight
+        for operand in _operands(node) if flops and family is None else ():
             if operand in analysis.weights:
                 backward_weight += flops if index in analysis.trainable_sites else 0
             elif analysis.needs(operand):
@@ -119,16 +125,51 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
     return FlopCounts(forward, backward_input, backward_weight, recompute, tuple(unpriced))
 
 
+def _family(node) -> Family | None:
+    entry = lookup(node.op)
+    family = entry.family if entry else None
+    return family if family in (Family.FUSED_ATTENTION, Family.FUSED_MOE) else None
+
+
 def _operands(node) -> tuple[str, ...]:
-    """The inputs whose gradients each cost one forward's worth of FLOPs."""
-    family = lookup(node.op).family if lookup(node.op) else None
-    if family is Family.FUSED_ATTENTION:
-        # q, k, v (packed or separate): dQ, dK, dV together cost two forwards (4 products)
-        data = [x for x in node.inputs[:3] if x]
-        return (data[0], data[0]) if data else ()
-    if family is Family.FUSED_MOE:
-        return (node.inputs[0], next((w for w in node.inputs[2:] if w), ""))
+    """The inputs of a matmul whose gradients each cost one forward's worth of FLOPs."""
     return node.inputs[:2]
+
+
+def _fused_attention_backward(analysis: StepAnalysis, node, flops: int) -> int:
+    """Eager attention is two products of equal size, q·kᵀ and probs·v: dQ and dK each repeat
+    the first when q or k needs a gradient; dProbs repeats the second when q or k does, dV when
+    v does (q, k, v packed in one input or separate)."""
+    query = node.inputs[0]
+    key = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1] else query
+    value = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else query
+    nq, nk, nv = (analysis.needs(x) and x not in analysis.weights for x in (query, key, value))
+    product = flops // 2
+    return product * (int(nq) + int(nk) + int(nq or nk) + int(nv))
+
+
+def _fused_moe_backward(analysis: StepAnalysis, index: int) -> tuple[int, int]:
+    """(backward input, backward weight) FLOPs of com.microsoft.MoE run as routed experts:
+    per (token, expert) pair, dX through fc1 (and fc3) when the input needs a gradient, the
+    activation's gradient through fc2 whenever the experts' output needs one (the input does,
+    or the expert weights train), and dW for every expert matrix when they train."""
+    graph = analysis.model.graph
+    node = graph.nodes[index]
+    x_shape = eval_shape(graph.shape(node.inputs[0]), analysis.bindings)
+    top_k = node.attr("k")
+    weights = {slot: graph.constants[node.inputs[slot]] for slot in (2, 4, 6)
+               if len(node.inputs) > slot and node.inputs[slot] in graph.constants
+               and len(graph.constants[node.inputs[slot]].shape) == 3}
+    if not x_shape or not top_k:
+        return 0, 0
+    pairs = numel(x_shape) // x_shape[-1] * int(top_k)
+    per_pair = {slot: 2 * w.n_elements // w.shape[0] for slot, w in weights.items()}
+    needs_x = analysis.needs(node.inputs[0])
+    trains = index in analysis.trainable_sites
+    backward_input = pairs * (per_pair.get(2, 0) + per_pair.get(6, 0)) if needs_x else 0
+    backward_input += pairs * per_pair.get(4, 0) if needs_x or trains else 0
+    backward_weight = pairs * sum(per_pair.values()) if trains else 0
+    return backward_input, backward_weight
 
 
 def _expert_tensor_adapter(analysis: StepAnalysis, index: int, adapter, flops: int) -> tuple[int, int]:

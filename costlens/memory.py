@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from costlens.gradients import StepAnalysis
 from costlens.ir import Node
-from costlens.ops.saved import Extra, saved_by
+from costlens.ops.saved import Extra, backward_transient, saved_by
 from costlens.optimizers import state_bytes, step_temporaries
 from costlens.plans import Plan, Setup
 from costlens.shapes import eval_shape, numel
@@ -58,8 +58,10 @@ class Precision:
 class _Context:
     """The SavedContext the per-op rules read, over one StepAnalysis."""
 
-    def __init__(self, analysis: StepAnalysis, precision: Precision, device: str = "cuda"):
+    def __init__(self, analysis: StepAnalysis, precision: Precision, device: str = "cuda",
+                 attention: str = "eager"):
         self.analysis = analysis
+        self.attention = attention
         self.mask_bytes = 1 if device == "cuda" else precision.activation   # dropout masks
         self.graph = analysis.model.graph
         self.precision = precision
@@ -71,9 +73,21 @@ class _Context:
                     self.consumers.setdefault(name, []).append(index)
         self._index = {n.name: i for i, n in enumerate(self.graph.nodes)}
         self._producer = {o: n for n in self.graph.nodes for o in n.outputs if o}
+        self._receives: set[str] | None = None
 
     def needs(self, tensor: str) -> bool:
         return self.analysis.needs(tensor)
+
+    def receives(self, tensor: str) -> bool:
+        """It gets a gradient from the loss in backward (needs one and a consumer passes one back)."""
+        if self._receives is None:
+            analysis = self.analysis
+            found = {o for o in self.graph.outputs if analysis.needs(o)}
+            for index in range(len(self.graph.nodes) - 1, -1, -1):
+                if analysis.runs_backward[index]:
+                    found.update(x for x in self.graph.nodes[index].inputs if x and analysis.needs(x))
+            self._receives = found
+        return tensor in self._receives
 
     def is_weight(self, tensor: str) -> bool:
         return tensor in self.analysis.weights
@@ -93,6 +107,16 @@ class _Context:
 
     def stat_bytes(self) -> int:
         return 4
+
+    def act_bytes(self, op: str = "") -> int:
+        """Bytes per element of an activation ``op`` produces (fp32 where autocast runs it in fp32)."""
+        return 4 if self.precision.mixed and op in AUTOCAST_FP32 else self.precision.activation
+
+    def fused_attention(self) -> bool:
+        return self.attention == "fused"
+
+    def weight_bytes(self) -> int:
+        return self.precision.weight
 
     def shape(self, tensor: str):
         return eval_shape(self.graph.shape(tensor), self.analysis.bindings)
@@ -303,14 +327,14 @@ def _transient(ctx: _Context, node: Node) -> int:
     if node.op in VIEW_OPS:
         return 0
     total = sum(ctx.nbytes(o) for o in node.outputs if o and ctx.needs(o))
-    return total + sum(ctx.nbytes(x) for x in node.inputs if x and ctx.needs(x))
+    return total + sum(ctx.nbytes(x) for x in node.inputs if x and ctx.needs(x)) + backward_transient(node, ctx)
 
 
 # --------------------------------------------------------------------------- estimate
 
 def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryBytes:
     precision = Precision.of(setup.precision)
-    ctx = _Context(analysis, precision, setup.device)
+    ctx = _Context(analysis, precision, setup.device, setup.attention)
     graph, roles = analysis.model.graph, analysis.model.roles
     shapes = trainable_shapes(analysis)
     n_trainable = sum(numel(s) for s in shapes)

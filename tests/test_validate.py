@@ -22,7 +22,10 @@ def run(*args):
     return CliRunner().invoke(main, list(args))
 
 
-@pytest.mark.parametrize("name", TORCH_FIXTURES)
+CONTRIB_FIXTURES = ["genai_dense", "genai_moe"]      # onnxruntime-genai dialect (fixtures/build_contrib.py)
+
+
+@pytest.mark.parametrize("name", TORCH_FIXTURES + CONTRIB_FIXTURES)
 def test_executor_reproduces_onnxruntime(name):
     """The graph run as a torch module computes what onnxruntime computes from the same file."""
     import onnxruntime as ort
@@ -68,10 +71,80 @@ def test_validate_refuses_what_it_cannot_measure(args, cause):
     assert result.exit_code == 2 and cause in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_validate_contrib_graph_says_which_op():
+def test_validate_says_which_op_it_cannot_run(monkeypatch):
+    from costlens.measure import torch_ops
+    monkeypatch.delitem(torch_ops.OPS, "com.microsoft.GroupQueryAttention")
     result = run("validate", str(FIXTURES / "genai_dense.onnx"), "--seq", "16")
     line = result.stderr.splitlines()[-1]
     assert result.exit_code == 2 and "no implementation of" in line and "GroupQueryAttention" in line
+
+
+def _contrib_variant(tmp_path, name: str, scale: float, attrs: dict):
+    """A copy of a genai fixture with its matrices scaled (so that attention and routing are far
+    from uniform) and attributes of its contrib ops overridden: {op_type: {attribute: value}}."""
+    import onnx
+    from onnx import helper, numpy_helper
+    model = onnx.load(str(FIXTURES / f"{name}.onnx"))
+    for tensor in model.graph.initializer:
+        value = numpy_helper.to_array(tensor)
+        if value.dtype == np.float32 and value.ndim >= 2 and "cache" not in tensor.name:
+            tensor.CopyFrom(numpy_helper.from_array(value * scale, tensor.name))
+    for node in model.graph.node:
+        overrides = attrs.get(node.op_type, {})
+        kept = [a for a in node.attribute if a.name not in overrides]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute(k, v) for k, v in overrides.items()])
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("name, attrs", [
+    ("genai_dense", {}),
+    ("genai_dense", {"GroupQueryAttention": {"softcap": 2.0}}),
+    ("genai_dense", {"GroupQueryAttention": {"local_window_size": 4}}),
+    ("genai_dense", {"GroupQueryAttention": {"rotary_interleaved": 1}}),
+    ("genai_moe", {}),
+    ("genai_moe", {"MoE": {"normalize_routing_weights": 0}}),
+    ("genai_moe", {"MoE": {"activation_alpha": 1.702, "activation_beta": 1.0, "swiglu_limit": 0.5}}),
+    ("genai_moe", {"MoE": {"k": 1}}),
+])
+def test_contrib_ops_match_onnxruntime_far_from_uniform(tmp_path, name, attrs):
+    """GroupQueryAttention (RoPE, causal, local window, softcap), MoE (routing, SwiGLU variants) and
+    the simplified norms as the executor runs them, against onnxruntime, with weights large
+    enough that a wrong rotation, mask or gate/up order shows."""
+    import onnxruntime as ort
+    path = _contrib_variant(tmp_path, name, 8.0, attrs)
+    model = costlens.load(path)
+    plan = parse_plan_spec("full")
+    module = GraphExecutor(model, initializer_values(path), analyze(model, plan, {"batch": 2, "seq": 24}), plan)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = module(ids).numpy()
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids.numpy()})[0]
+    assert np.abs(reference).max() > 1.0
+    assert np.abs(ours - reference).max() < 1e-3
+
+
+@pytest.mark.parametrize("name, args", [
+    ("genai_dense", []),
+    ("genai_dense", ["--freeze", "attn"]),
+    ("genai_dense", ["--lora", "attn", "--rank", "8"]),
+    ("genai_moe", []),
+    ("genai_moe", ["--freeze", "attn"]),
+    ("genai_moe", ["--lora", "attn", "--rank", "8"]),
+    ("genai_moe", ["--train", "router"]),
+    ("genai_moe", ["--train", "experts", "--batch", "4", "--seq", "64"]),
+])
+def test_validate_contrib_graphs_within_tolerance(name, args):
+    """Fused GroupQueryAttention / MoE / simplified norms: priced as the executor trains them."""
+    result = run("validate", str(FIXTURES / f"{name}.onnx"), "--seq", "32", "--batch", "2", *args, "--json")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    by_name = {c["quantity"]: c for c in json.loads(result.stdout)["comparisons"]}
+    assert by_name["trainable params"]["estimated"] == by_name["trainable params"]["measured"]
+    assert abs(by_name["step FLOPs"]["error"]) < 0.01
+    assert abs(by_name["activation bytes"]["error"]) < 0.02 and abs(by_name["peak bytes"]["error"]) < 0.02
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no CUDA device exists")

@@ -22,11 +22,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from costlens.frontends.irbuild import INT64_MAX, Builder, Sym, Value, broadcast
+from costlens.frontends.irbuild import Builder, Sym, Value
 
 Lowering = Callable[["Builder", "Call"], Any]
 LOWERINGS: dict[str, Lowering] = {}
-ALIAS = object()          # a rule's result meaning "the first tensor argument, unchanged"
 
 
 @dataclass
@@ -75,9 +74,14 @@ def tensor(b: Builder, x, dtype: str) -> Value:
     return b.scalar(float(x) if dtype.startswith(("float", "bfloat")) else x, dtype)
 
 
-def vector(b: Builder, s: Sym, scope: str) -> str:
+def vector(b: Builder, s: Sym | Value, scope: str) -> str:
+    """A symbolic int as a 1-element vector, made once: symbolic ints are shared by every
+    module that reads them (the trace reuses them), so the node belongs to no module.
+    (TorchScript hands some ints over as 0-dim tensors: those are unsqueezed where used.)"""
+    if isinstance(s, Value):
+        return b.one("Unsqueeze", [s, b.ints([0])], (1,), s.dtype, scope=scope).name
     if s.vector is None:
-        s.vector = b.one("Unsqueeze", [s.scalar, b.ints([0])], (1,), "int64", scope=scope, base="sym_vec").name
+        s.vector = b.one("Unsqueeze", [s.scalar, b.ints([0])], (1,), "int64", scope="", base="sym_vec").name
     return s.vector
 
 
@@ -100,10 +104,6 @@ def shape_list(b: Builder, items, scope: str) -> Value:
     return b.one("Concat", pieces, (len(items),), "int64", {"axis": 0}, scope, "shape")
 
 
-def first_value(c: Call) -> Value:
-    return next(v for v in c.args.values() if isinstance(v, Value))
-
-
 def norm_dim(dim: int, rank: int | None) -> int:
     return dim + rank if dim < 0 and rank is not None else dim
 
@@ -113,17 +113,30 @@ def emit(b: Builder, c: Call, op: str, inputs, attrs=None, i: int = 0) -> Value:
     return b.one(op, inputs, shape, dtype, attrs, c.scope, c.base)
 
 
+class Unsupported(Exception):
+    """A rule meets an argument form it does not lower (the op is then kept as unknown)."""
+
+
 def lower(b: Builder, c: Call):
-    """Apply the rule for ``c.op``; an op without one is kept under its own name."""
+    """Apply the rule for ``c.op``. An op without a rule, or one its rule cannot lower, is
+    kept under its own name: the cost registry does not know it, so it is reported."""
     rule = LOWERINGS.get(c.op)
-    if rule is None:
-        inputs = [v for v in _flat(c.args.values()) if isinstance(v, (Value, Sym))]
-        names = [v.name if isinstance(v, Value) else v.scalar for v in inputs]
-        outs = [o if isinstance(o, tuple) else ((), "int64") for o in c.outs] or [(None, "float32")]
-        values = b.node(c.op, names, outs, scope=c.scope, base=c.base)
-        return values[0] if len(values) == 1 else tuple(values)
-    result = rule(b, c)
-    return first_value(c) if result is ALIAS else result
+    if rule is not None:
+        mark = len(b.nodes)
+        try:
+            result = rule(b, c)
+            return result
+        except Unsupported as e:
+            reason = str(e)
+        except Exception as e:  # noqa: BLE001 - an odd argument form must not end the load
+            reason = f"{type(e).__name__}: {e}"
+        del b.nodes[mark:]
+        b.warnings.append(f"{c.base or c.op}: {c.op} not lowered ({reason}); kept as an unknown op")
+    inputs = [v for v in _flat(c.args.values()) if isinstance(v, (Value, Sym))]
+    names = [v.name if isinstance(v, Value) else v.scalar for v in inputs]
+    outs = [o if isinstance(o, tuple) else ((), "int64") for o in c.outs] or [(None, "float32")]
+    values = b.node(c.op, names, outs, scope=c.scope, base=c.base)
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _flat(items):
@@ -275,8 +288,6 @@ def _clamp(b, c):
     shape, dtype = c.out()
     low = c.arg("min") if c.op != "aten.clamp_max" else None
     high = c.arg("max") if c.op != "aten.clamp_min" else None
-    if c.op == "aten.clamp_max":
-        high = c.arg("max")
     bounds = [tensor(b, v, dtype) if v is not None else None for v in (low, high)]
     return emit(b, c, "Clip", [c.arg("self")] + bounds)
 
@@ -339,7 +350,8 @@ def _outer(b, c):
 
 @lowers("aten.einsum")
 def _einsum(b, c):
-    return emit(b, c, "Einsum", list(c.arg("tensors")), {"equation": c.arg("equation")})
+    # the cost stage prices MatMul/Gemm only: an Einsum would cost a silent zero, so it stays unknown
+    raise Unsupported(f"einsum {c.arg('equation')!r} is not priced; write it as matmuls")
 
 
 @lowers("aten.scaled_dot_product_attention")
@@ -389,4 +401,4 @@ def _repeat_heads(b: Builder, x: Value, heads: int, scope: str) -> Value:
     return b.one("Reshape", [wide, b.ints([0, heads, -1, dim])], (bsz, heads, seq, dim), x.dtype, scope=scope)
 
 
-from costlens.frontends import aten_layout  # noqa: E402,F401  (registers the layout rules)
+from costlens.frontends import aten_layout, aten_tensors  # noqa: E402,F401  (register their rules)

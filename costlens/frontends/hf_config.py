@@ -18,6 +18,7 @@ import contextlib
 import copy
 import json
 import os
+import sys
 import types
 from pathlib import Path
 
@@ -29,9 +30,12 @@ class ConfigError(CostlensError):
 
 
 def transformers_offline():
-    """Import transformers with the hub switched off (never a download)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    """Import transformers with the hub switched off (never a download). Nothing here calls
+    the hub anyway (configs are read as JSON, models built from them); if the caller
+    imported transformers already, its settings are left alone."""
+    if "transformers" not in sys.modules:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
     try:
         import transformers
     except ImportError as e:

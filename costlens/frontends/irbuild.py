@@ -8,10 +8,11 @@ shape-derived values where the ONNX front end shows them (position tables, masks
 
 Dims are printed from sympy expressions over the trace's symbols: the token input's two
 dims become ``batch`` and ``seq``; products and quotients keep the form ``batch*seq``.
+``finish`` is the last step of every traced graph: canonical forms, then dead nodes dropped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from costlens.ir import Constant, Graph, Node, Shape, Tensor, frozen_map
@@ -196,11 +197,93 @@ def _term_order(text: str):
     return (1, _ORDER.get(head, 2), text)
 
 
-def broadcast(a: Shape | None, b: Shape | None) -> Shape | None:
-    """NumPy broadcasting of two symbolic shapes (used for ops the trace does not annotate)."""
-    if a is None or b is None:
+# --------------------------------------------------------------------------- passes
+
+def finish(graph: Graph) -> Graph:
+    """The canonical passes every traced graph goes through."""
+    return prune(fold_flat_linears(graph))
+
+
+def fold_flat_linears(graph: Graph) -> Graph:
+    """Reshape [.., K] -> [n, K], Gemm, Reshape back to [.., N]: one linear on the N-D input,
+    written as torch.onnx writes ``nn.Linear`` there (MatMul with the [K, N] weight, + Add of
+    the bias). transformers' ``Conv1D`` (GPT-2) runs its linears this way."""
+    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(graph.nodes):
+        for x in n.inputs:
+            if x:
+                consumers.setdefault(x, []).append(i)
+    dropped: set[int] = set()
+    inserted: dict[int, list[Node]] = {}
+    tensors = dict(graph.tensors)
+    for i, gemm in enumerate(graph.nodes):
+        folded = _flat_linear(graph, i, gemm, producer, consumers)
+        if folded is None:
+            continue
+        flatten, unflatten, x, out_shape = folded
+        weight, bias = gemm.inputs[1], (gemm.inputs[2] if len(gemm.inputs) > 2 else "")
+        nodes, out = [], graph.nodes[unflatten].outputs[0]
+        if gemm.attr("transB", 0):
+            w_shape = tuple(reversed(graph.shape(weight)))
+            tensors[f"{weight}.T@{gemm.name}"] = Tensor(f"{weight}.T@{gemm.name}", w_shape, graph.dtype(weight))
+            nodes.append(Node(f"{gemm.name}.transpose", "Transpose", (weight,), (f"{weight}.T@{gemm.name}",),
+                              frozen_map({"perm": (1, 0)}), gemm.scope))
+            weight = f"{weight}.T@{gemm.name}"
+        product = out if not bias else f"{out}.matmul"
+        if bias:
+            tensors[product] = Tensor(product, out_shape, graph.dtype(out))
+        nodes.append(Node(gemm.name, "MatMul", (x, weight), (product,), frozen_map({}), gemm.scope))
+        if bias:
+            nodes.append(Node(f"{gemm.name}.bias", "Add", (product, bias), (out,), frozen_map({}), gemm.scope))
+        dropped.update((flatten, i, unflatten))
+        inserted[i] = nodes
+    if not inserted:
+        return graph
+    nodes = []
+    for i, node in enumerate(graph.nodes):
+        nodes += inserted.get(i, [])
+        if i not in dropped:
+            nodes.append(node)
+    return replace(graph, nodes=tuple(nodes), tensors=frozen_map(tensors))
+
+
+def _flat_linear(graph: Graph, index: int, gemm: Node, producer, consumers):
+    if gemm.op != "Gemm" or gemm.attr("transA", 0) or gemm.attr("alpha", 1.0) != 1.0 or gemm.attr("beta", 1.0) != 1.0:
         return None
-    rank = max(len(a), len(b))
-    a = (1,) * (rank - len(a)) + tuple(a)
-    b = (1,) * (rank - len(b)) + tuple(b)
-    return tuple(y if x == 1 else x for x, y in zip(a, b))
+    flatten = producer.get(gemm.inputs[0])
+    users = consumers.get(gemm.outputs[0], [])
+    if flatten is None or len(users) != 1 or consumers.get(gemm.inputs[0]) != [index]:
+        return None
+    unflatten = users[0]
+    if graph.nodes[flatten].op != "Reshape" or graph.nodes[unflatten].op != "Reshape":
+        return None
+    x = graph.nodes[flatten].inputs[0]
+    x_shape, out_shape = graph.shape(x), graph.shape(graph.nodes[unflatten].outputs[0])
+    gemm_shape = graph.shape(gemm.outputs[0])
+    if not x_shape or not out_shape or not gemm_shape or len(x_shape) < 3:
+        return None
+    if tuple(out_shape[:-1]) != tuple(x_shape[:-1]) or out_shape[-1] != gemm_shape[-1]:
+        return None
+    return flatten, unflatten, x, out_shape
+
+
+# --------------------------------------------------------------------------- pruning
+
+def prune(graph: Graph) -> Graph:
+    """Drop nodes whose outputs reach no graph output, and constants nothing reads except
+    named module tensors (parameters and buffers are kept for the record)."""
+    needed = set(graph.outputs)
+    kept: list[Node] = []
+    for node in reversed(graph.nodes):
+        if any(o in needed for o in node.outputs if o):
+            kept.append(node)
+            needed.update(x for x in node.inputs if x)
+    kept.reverse()
+    produced = {o for n in kept for o in n.outputs}
+    tensors = {k: v for k, v in graph.tensors.items() if k in produced or k in graph.inputs}
+    constants = {k: v for k, v in graph.constants.items()
+                 if k in needed or not (k.startswith(("scalar.", "ints(")) or k.startswith("reshape_target"))}
+    small = {k: v for k, v in graph.small_values.items() if k in constants}
+    return replace(graph, nodes=tuple(kept), tensors=frozen_map(tensors), constants=frozen_map(constants),
+                   small_values=frozen_map(small))

@@ -1,7 +1,7 @@
 """Shallow trace + replication: a deep stack of identical blocks from a two-block trace.
 
-Tracing LLaMA-7B with ``torch.export`` takes about 13 s and grows with depth, although the
-blocks are identical. So a model is traced with two blocks and its graph rebuilt with L:
+Tracing grows with depth although the blocks are identical: ``torch.export`` takes 5 s on
+LLaMA-3-8B and 13 s on LLaMA-3-70B here, against 1-1.6 s for two blocks. So a model is traced with two blocks and its graph rebuilt with L:
 block 1's nodes are copied L-2 times, each copy reading the previous copy's outputs where
 block 1 reads block 0's, sharing what block 1 shares with block 0 (RoPE tables, masks, shape
 values), with its own parameters (``layers.1.`` renamed ``layers.i.``); the nodes after the
@@ -24,28 +24,31 @@ def _in_block(scope: str, prefix: str) -> bool:
     return scope == prefix or scope.startswith(prefix + ".")
 
 
-def _block_range(nodes, prefix: str) -> range:
+def _members(nodes, prefix: str) -> list[int]:
     members = [i for i, n in enumerate(nodes) if _in_block(n.scope, prefix)]
     if not members:
         raise ReplicationError(f"no node has the scope {prefix!r}")
-    span = range(members[0], members[-1] + 1)
-    strays = [nodes[i].scope for i in span if nodes[i].scope and not _in_block(nodes[i].scope, prefix)]
-    if strays:
-        raise ReplicationError(f"block {prefix!r} interleaves with nodes of other modules: {strays[:3]}")
-    return span
+    return members
 
 
 def replicate_blocks(graph: Graph, container: str, layers: int) -> Graph:
-    """``graph`` (traced with blocks ``container.0`` and ``container.1``) with ``layers`` blocks."""
+    """``graph`` (traced with blocks ``container.0`` and ``container.1``) with ``layers`` blocks.
+
+    Nodes of no module (scope "") between the blocks are shared values such as symbolic
+    sizes; they stay where they are. Any other module's node there is refused."""
     if layers <= 2:
         return graph
     nodes = graph.nodes
-    r0, r1 = _block_range(nodes, f"{container}.0"), _block_range(nodes, f"{container}.1")
-    if r1.start != r0.stop or len(r0) != len(r1):
-        raise ReplicationError("blocks 0 and 1 are not adjacent runs of equal length")
-    mapping = _match_blocks(graph, r0, r1, container)
-    produced0 = {o for i in r0 for o in nodes[i].outputs if o}
-    produced1 = {o for i in r1 for o in nodes[i].outputs if o}
+    b0, b1 = _members(nodes, f"{container}.0"), _members(nodes, f"{container}.1")
+    if len(b0) != len(b1) or b0[-1] > b1[0]:
+        raise ReplicationError("blocks 0 and 1 are not two runs of the same length, one after the other")
+    members = set(b0) | set(b1)
+    strays = [nodes[i].scope for i in range(b0[0], b1[-1] + 1) if i not in members and nodes[i].scope]
+    if strays:
+        raise ReplicationError(f"blocks interleave with nodes of other modules: {strays[:3]}")
+    mapping = _match_blocks(graph, b0, b1, container)
+    produced0 = {o for i in b0 for o in nodes[i].outputs if o}
+    produced1 = {o for i in b1 for o in nodes[i].outputs if o}
     inverse = {v: k for k, v in mapping.items()}
 
     def name_in(layer: int, tensor1: str) -> str:
@@ -74,7 +77,7 @@ def replicate_blocks(graph: Graph, container: str, layers: int) -> Graph:
                 return prefix + x[len(prefix1):]
             return x
 
-        for i in r1:
+        for i in b1:
             node = nodes[i]
             for x in node.inputs:
                 if x.startswith(prefix1) and x in graph.constants and rename(x) not in constants:
@@ -86,8 +89,7 @@ def replicate_blocks(graph: Graph, container: str, layers: int) -> Graph:
                     tensors[rename(out)] = Tensor(rename(out), info.shape, info.dtype)
             copies.append(replace(node, name=f"{node.name}@{layer}", inputs=tuple(rename(x) for x in node.inputs),
                                   outputs=tuple(rename(o) for o in node.outputs),
-                                  scope=f"{container}.{layer}" + node.scope[len(f"{container}.1"):]
-                                  if _in_block(node.scope, f"{container}.1") else node.scope))
+                                  scope=f"{container}.{layer}" + node.scope[len(f"{container}.1"):]))
 
     def tail(x: str) -> str:
         if x in produced1:
@@ -96,20 +98,21 @@ def replicate_blocks(graph: Graph, container: str, layers: int) -> Graph:
             return name_in(layers - 2, mapping[x])
         return x
 
-    rest = [replace(n, inputs=tuple(tail(x) for x in n.inputs)) for n in nodes[r1.stop:]]
+    end = b1[-1] + 1
+    rest = [replace(n, inputs=tuple(tail(x) for x in n.inputs)) for n in nodes[end:]]
     return replace(
-        graph, nodes=tuple(nodes[:r1.stop]) + tuple(copies) + tuple(rest), tensors=frozen_map(tensors),
+        graph, nodes=tuple(nodes[:end]) + tuple(copies) + tuple(rest), tensors=frozen_map(tensors),
         constants=frozen_map(constants), outputs=tuple(tail(o) for o in graph.outputs),
     )
 
 
-def _match_blocks(graph: Graph, r0: range, r1: range, container: str) -> dict[str, str]:
+def _match_blocks(graph: Graph, b0: list[int], b1: list[int], container: str) -> dict[str, str]:
     """Block 0 tensor -> block 1 tensor, after checking the blocks are the same graph."""
     nodes = graph.nodes
     mapping: dict[str, str] = {}
-    produced0 = {o for i in r0 for o in nodes[i].outputs if o}
+    produced0 = {o for i in b0 for o in nodes[i].outputs if o}
     prefix0, prefix1 = f"{container}.0.", f"{container}.1."
-    for i, j in zip(r0, r1):
+    for i, j in zip(b0, b1):
         a, b = nodes[i], nodes[j]
         if a.op != b.op or dict(a.attrs) != dict(b.attrs) or len(a.inputs) != len(b.inputs) \
                 or len(a.outputs) != len(b.outputs):

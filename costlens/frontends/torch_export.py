@@ -1,8 +1,9 @@
 """PyTorch front end: a module traced with ``torch.export`` on the meta device -> the graph IR.
 
-No weight is ever materialized: the module lives on the meta device (a module with real
-weights is moved there first), and so do the example inputs; ``torch.export`` records every
-op with its symbolic output shape. The token input's two dims are traced as dynamic and
+No weight is ever materialized: costlens builds modules on the meta device, and a module
+with real weights is traced where it is (non-strict export runs on fake tensors, so nothing
+is computed and the caller's module is left as it was); ``torch.export`` records every op
+with its symbolic output shape. The token input's two dims are traced as dynamic and
 named ``batch`` and ``seq``. Parameters become constants named by their module path
 (``layers.0.self_attn.q_proj.weight``), buffers and lifted constants too (the role locator
 decides which are parameters); each node keeps its module path as ``scope``.
@@ -31,8 +32,8 @@ from torch import nn
 
 from costlens.errors import CostlensError
 from costlens.frontends.aten import Call, lower
-from costlens.frontends.irbuild import Builder, Sym, Value, dtype_name, print_dim
-from costlens.ir import BATCH, SEQ, Graph, Node
+from costlens.frontends.irbuild import Builder, Value, dtype_name, finish, print_dim
+from costlens.ir import BATCH, SEQ, Graph
 
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 16
 _SYM_FUNCTIONS = {operator.add: "sym.add", operator.sub: "sym.sub", operator.mul: "sym.mul",
@@ -98,8 +99,8 @@ def load_torch(module: nn.Module, example_inputs=None, *, source: str | None = N
     return graph_from_program(program, source)
 
 
-def example_args(example_inputs) -> tuple[tuple, dict]:
-    """(args, kwargs) on the meta device; default: token ids [2, 16]."""
+def example_args(example_inputs, device="meta") -> tuple[tuple, dict]:
+    """(args, kwargs) on ``device`` (the module's); default: token ids [2, 16]."""
     if example_inputs is None:
         example_inputs = (torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.long),)
     if isinstance(example_inputs, torch.Tensor):
@@ -108,8 +109,25 @@ def example_args(example_inputs) -> tuple[tuple, dict]:
         args, kwargs = (), dict(example_inputs)
     else:
         args, kwargs = tuple(example_inputs), {}
-    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
-    return tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()}
+    move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+def device_of(module: nn.Module):
+    """Where the module's parameters live (meta for costlens' own builds)."""
+    first = next(iter(module.parameters()), None)
+    return first.device if first is not None else torch.device("meta")
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """``module.eval()`` for the trace, the caller's mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def _dynamic_shapes(args: tuple, kwargs: dict):
@@ -130,14 +148,14 @@ def export_program(module: nn.Module, example_inputs=None, *, source: str = "mod
     """``torch.export.export`` on the meta device with dynamic batch and seq."""
     if not isinstance(module, nn.Module):
         raise TraceError(f"{source}: expected a torch.nn.Module, got {type(module).__name__}")
-    if any(p.device.type != "meta" for p in module.parameters()):
-        module = module.to("meta")
-    args, kwargs = example_args(example_inputs)
+    # A module with real weights is traced where it is: non-strict export runs on fake
+    # tensors, so nothing is computed and the caller's module is left as it was.
+    args, kwargs = example_args(example_inputs, device_of(module))
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
     dynamic = {**_by_name(module, dyn_args), **dyn_kwargs} if kwargs else dyn_args
-    with _quiet(), _canonical_forms(module):
+    with _quiet(), _canonical_forms(module), evaluating(module):
         try:
-            program = torch.export.export(module.eval(), args, kwargs or None, dynamic_shapes=dynamic, strict=False)
+            program = torch.export.export(module, args, kwargs or None, dynamic_shapes=dynamic, strict=False)
         except Exception as e:  # noqa: BLE001 - any tracing failure is the model's, reported in one line
             raise TraceError(f"{source}: torch.export could not trace the model ({type(e).__name__}: "
                              f"{_first_line(e)})") from e
@@ -220,7 +238,7 @@ def graph_from_program(program, source: str) -> Graph:
     user = [v for kind, v in zip(kinds, outputs) if kind == "USER_OUTPUT" and isinstance(v, Value)]
     if not user:
         raise TraceError(f"{source}: the traced model returns no tensor")
-    return prune(fold_flat_linears(builder.graph(inputs, [v.name for v in user])))
+    return finish(builder.graph(inputs, [v.name for v in user]))
 
 
 def _symbol_names(program) -> dict[str, str]:
@@ -371,96 +389,3 @@ def _scope(node) -> str:
         return ""
     path = path.replace("L['self'].", "").replace("L['self']", "")
     return _BRACKET.sub(r".\1", path).strip(".")
-
-
-# --------------------------------------------------------------------------- canonical passes
-
-def fold_flat_linears(graph: Graph) -> Graph:
-    """Reshape [.., K] -> [n, K], Gemm, Reshape back to [.., N]: one linear on the N-D input,
-    written as torch.onnx writes ``nn.Linear`` there (MatMul with the [K, N] weight, + Add of
-    the bias). transformers' ``Conv1D`` (GPT-2) runs its linears this way."""
-    from dataclasses import replace
-
-    from costlens.ir import Tensor, frozen_map
-    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
-    consumers: dict[str, list[int]] = {}
-    for i, n in enumerate(graph.nodes):
-        for x in n.inputs:
-            if x:
-                consumers.setdefault(x, []).append(i)
-    dropped: set[int] = set()
-    inserted: dict[int, list[Node]] = {}
-    tensors = dict(graph.tensors)
-    for i, gemm in enumerate(graph.nodes):
-        folded = _flat_linear(graph, i, gemm, producer, consumers)
-        if folded is None:
-            continue
-        flatten, unflatten, x, out_shape = folded
-        weight, bias = gemm.inputs[1], (gemm.inputs[2] if len(gemm.inputs) > 2 else "")
-        nodes, out = [], graph.nodes[unflatten].outputs[0]
-        if gemm.attr("transB", 0):
-            w_shape = tuple(reversed(graph.shape(weight)))
-            tensors[f"{weight}.T@{gemm.name}"] = Tensor(f"{weight}.T@{gemm.name}", w_shape, graph.dtype(weight))
-            nodes.append(Node(f"{gemm.name}.transpose", "Transpose", (weight,), (f"{weight}.T@{gemm.name}",),
-                              frozen_map({"perm": (1, 0)}), gemm.scope))
-            weight = f"{weight}.T@{gemm.name}"
-        product = out if not bias else f"{out}.matmul"
-        if bias:
-            tensors[product] = Tensor(product, out_shape, graph.dtype(out))
-        nodes.append(Node(gemm.name, "MatMul", (x, weight), (product,), frozen_map({}), gemm.scope))
-        if bias:
-            nodes.append(Node(f"{gemm.name}.bias", "Add", (product, bias), (out,), frozen_map({}), gemm.scope))
-        dropped.update((flatten, i, unflatten))
-        inserted[i] = nodes
-    if not inserted:
-        return graph
-    nodes = []
-    for i, node in enumerate(graph.nodes):
-        nodes += inserted.get(i, [])
-        if i not in dropped:
-            nodes.append(node)
-    return replace(graph, nodes=tuple(nodes), tensors=frozen_map(tensors))
-
-
-def _flat_linear(graph: Graph, index: int, gemm: Node, producer, consumers):
-    if gemm.op != "Gemm" or gemm.attr("transA", 0) or gemm.attr("alpha", 1.0) != 1.0 or gemm.attr("beta", 1.0) != 1.0:
-        return None
-    flatten = producer.get(gemm.inputs[0])
-    users = consumers.get(gemm.outputs[0], [])
-    if flatten is None or len(users) != 1 or consumers.get(gemm.inputs[0]) != [index]:
-        return None
-    unflatten = users[0]
-    if graph.nodes[flatten].op != "Reshape" or graph.nodes[unflatten].op != "Reshape":
-        return None
-    x = graph.nodes[flatten].inputs[0]
-    x_shape, out_shape = graph.shape(x), graph.shape(graph.nodes[unflatten].outputs[0])
-    gemm_shape = graph.shape(gemm.outputs[0])
-    if not x_shape or not out_shape or not gemm_shape or len(x_shape) < 3:
-        return None
-    if tuple(out_shape[:-1]) != tuple(x_shape[:-1]) or out_shape[-1] != gemm_shape[-1]:
-        return None
-    return flatten, unflatten, x, out_shape
-
-
-# --------------------------------------------------------------------------- pruning
-
-def prune(graph: Graph) -> Graph:
-    """Drop nodes whose outputs reach no graph output, and constants nothing reads except
-    named module tensors (parameters and buffers are kept for the record)."""
-    from dataclasses import replace
-
-    from costlens.ir import frozen_map
-    needed = set(graph.outputs)
-    kept: list[Node] = []
-    for node in reversed(graph.nodes):
-        if any(o in needed for o in node.outputs if o):
-            kept.append(node)
-            needed.update(x for x in node.inputs if x)
-    kept.reverse()
-    produced = {o for n in kept for o in n.outputs}
-    tensors = {k: v for k, v in graph.tensors.items() if k in produced or k in graph.inputs}
-    constants = {k: v for k, v in graph.constants.items()
-                 if k in needed or not (k.startswith(("scalar.", "ints(")) or k.startswith("reshape_target"))}
-    small = {k: v for k, v in graph.small_values.items() if k in constants}
-    return replace(graph, nodes=tuple(kept), tensors=frozen_map(tensors), constants=frozen_map(constants),
-                   small_values=frozen_map(small))
