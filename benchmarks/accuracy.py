@@ -78,7 +78,10 @@ def markdown(rows, device: str, seconds: float) -> str:
         "the CPU (`costlens.measure.tracker`), FLOPs from `torch.utils.flop_counter.FlopCounterMode`. fp32, "
         "AdamW (for-loop) unless the plan says otherwise, eager attention. The exported MoE graphs run every expert "
         "on every token, so they are priced and measured with `moe_dispatch=dense`; routed dispatch is checked "
-        "against the torch modules (`tests/test_estimate_torch.py`).",
+        "against the torch modules (`tests/test_estimate_torch.py`). The genai fixtures (onnxruntime-genai's "
+        "contrib ops) run GroupQueryAttention eagerly and com.microsoft.MoE routed, each expert on its own tokens "
+        "(`costlens.measure.torch_ops`); they are measured up to seq 64 (their rotary caches hold 64 positions), "
+        "and LoRA on MoE's fused expert weights is not run yet.",
         "",
         "Targets: peak memory within 5%, FLOPs within 1%, trainable parameters exact.",
         "",

@@ -85,9 +85,9 @@ def _traced(model, name: str, tracer: str, example_inputs=None) -> Graph:
     return load_torch(model, example_inputs, source=name)
 
 
-def load(source: str | os.PathLike) -> Model:
-    """Load a model and locate the role of every parameter."""
-    graph = load_graph(source)
+def load(source, *, tracer: str = "export") -> Model:
+    """Load a model (any source ``load_graph`` takes) and locate the role of every parameter."""
+    graph = load_graph(source, tracer=tracer)
     roles = locate_roles(graph)
     unknown = Counter(node.op for node in graph.nodes if not known(node.op))
     return Model(graph=graph, roles=roles, unknown_ops=frozen_map(dict(sorted(unknown.items()))))

@@ -13,6 +13,11 @@ import click
 from costlens.cli_errors import friendly_errors
 from costlens.errors import CostlensError
 
+TRACER = click.option(
+    "--tracer", type=click.Choice(["export", "fvcore"]), default="export", show_default=True,
+    help="How a PyTorch source (import spec, config.json, model folder) is traced: torch.export on the meta "
+         "device, or fvcore's TorchScript trace.")
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="costlens")
@@ -23,13 +28,15 @@ def main(debug: bool) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the costlens.inspect/1 JSON document.")
+@TRACER
 @friendly_errors
-def inspect(model: str, as_json: bool) -> None:
-    """Summarize MODEL: architecture, parameters by role and per layer."""
+def inspect(model: str, as_json: bool, tracer: str) -> None:
+    """Summarize MODEL (an .onnx file, a Hugging Face config.json or model folder, or an import
+    spec package.module:factory): architecture, parameters by role and per layer."""
     from costlens.api import load
     from costlens.render.inspect import inspect_document, inspect_text
 
-    document = inspect_document(load(model))
+    document = inspect_document(load(model, tracer=tracer))
     if as_json:
         click.echo(json.dumps(document, indent=2))
     else:
@@ -139,13 +146,15 @@ def _attach_validation(document: dict, model, plans: list, setup, device: str) -
 @click.argument("model")
 @plan_options
 @setup_options
+@TRACER
 @friendly_errors
-def plan(model, as_json, **options) -> None:
-    """Price one fine-tuning plan of MODEL: parameters, memory and FLOPs of a training step."""
+def plan(model, as_json, tracer, **options) -> None:
+    """Price one fine-tuning plan of MODEL (an .onnx file, a config.json or model folder, or an
+    import spec): parameters, memory and FLOPs of a training step."""
     from costlens.api import load
 
     chosen = _plan(options)
-    _run_plans(load(model), [chosen], _setup(options), as_json)
+    _run_plans(load(model, tracer=tracer), [chosen], _setup(options), as_json)
 
 
 @main.command()
@@ -161,9 +170,10 @@ def plan(model, as_json, **options) -> None:
 @friendly_errors
 def validate(model, device, tolerance, inference, as_json, **options) -> None:
     """Measure a real training step of the plan and compare it with the estimate (exit 1 when
-    a figure is outside tolerance). Needs the torch extra."""
+    a figure is outside tolerance). MODEL is an .onnx file (its graph runs as a torch module) or
+    an import spec package.module:factory (the module itself runs). Needs the torch extra."""
     try:
-        from costlens.measure.validate import validate_onnx
+        from costlens.measure.validate import validate_onnx, validate_torch
     except ImportError as e:
         raise CostlensError(f"validate needs the torch extra (pip install 'costlens[torch]'): {e}") from e
     from costlens.render.validate import validation_document, validation_text
@@ -174,8 +184,12 @@ def validate(model, device, tolerance, inference, as_json, **options) -> None:
     setup = _setup(options)
     if device == "cuda" and not _cuda_available():
         raise CostlensError("--device cuda: no CUDA device is available here")
-    result = validate_onnx(model, chosen, setup, device=device, tolerance=tolerance, inference=inference,
-                           progress=lambda message: click.echo(f"costlens: {message}...", err=True))
+    progress = lambda message: click.echo(f"costlens: {message}...", err=True)  # noqa: E731
+    if model.lower().endswith(".onnx"):
+        result = validate_onnx(model, chosen, setup, device=device, tolerance=tolerance, inference=inference,
+                               progress=progress)
+    else:
+        result = validate_torch(model, chosen, setup, device=device, tolerance=tolerance, progress=progress)
     document = validation_document(result, model, spec)
     click.echo(json.dumps(document, indent=2) if as_json else validation_text(document))
     if not result.ok:
@@ -199,19 +213,33 @@ def _cuda_available() -> bool:
 @click.option("--validate", "validate_on", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Also measure each plan on this device and attach the errors (torch extra; minutes on big models).")
 @setup_options
+@TRACER
 @friendly_errors
-def compare(model, plans_file, plans, html_path, validate_on, as_json, **setup) -> None:
+def compare(model, plans_file, plans, html_path, validate_on, as_json, tracer, **setup) -> None:
     """Price several plans of MODEL side by side (default: a set that fits the model)."""
     from costlens.api import load
     from costlens.estimate import default_plans
     from costlens.plans import load_plans_file, parse_plan_spec
 
-    loaded = load(model)
+    loaded = load(model, tracer=tracer)
     chosen = load_plans_file(plans_file) if plans_file else []
     chosen += [(spec, parse_plan_spec(spec)) for spec in plans]
     if not chosen:
         chosen = [(spec, parse_plan_spec(spec)) for spec in default_plans(loaded)]
     _run_plans(loaded, chosen, _setup(setup), as_json, html_path, validate_on)
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@friendly_errors
+def export(source: str, output: str) -> None:
+    """Write SOURCE (import spec, config.json or model folder) as an ONNX graph with dynamic batch
+    and seq; weights are external-data references, never written."""
+    from costlens.frontends.onnx_export import export_onnx
+
+    path = export_onnx(source, output)
+    click.echo(f"{path}: ONNX graph written (weights referenced in {path.name}.data, which is not written)")
 
 
 from costlens.cli_ci import register  # noqa: E402  (cli_ci never imports cli)

@@ -170,3 +170,129 @@ def test_compare_validate_attaches_measurements_to_the_report(tmp_path):
     peak = plan["validation"]["peak bytes"]
     assert abs(peak["error"]) < 0.05 and peak["measured"] > 0
     assert "peak bytes" in html.read_text()
+
+
+class _Ctx:
+    """A SavedContext over explicit flags and shapes (fp32), for one contrib node."""
+
+    def __init__(self, shapes: dict, needs: set, trains: bool):
+        self._shapes, self._needs, self._trains = shapes, needs, trains
+
+    def needs(self, tensor):
+        return tensor in self._needs
+
+    receives = needs
+
+    def is_weight(self, tensor):
+        return tensor.startswith("w")
+
+    def trains(self, node):
+        return self._trains
+
+    def is_fused_inner(self, tensor):
+        return False
+
+    def rows(self, tensor):
+        shape = self._shapes[tensor]
+        return int(np.prod(shape)) // shape[-1]
+
+    def stat_bytes(self):
+        return 4
+
+    def shape(self, tensor):
+        return self._shapes.get(tensor)
+
+    def act_bytes(self, op=""):
+        return 4
+
+    def fused_attention(self):
+        return False
+
+    def weight_bytes(self):
+        return 4
+
+
+def _saved_bytes(fn, args, exclude) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` runs, beyond ``exclude``'s."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    skip = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
+    return sum(n for ptr, n in storages.items() if ptr not in skip)
+
+
+def _rule_bytes(node, ctx) -> int:
+    from costlens.ops.saved import Extra, saved_by
+    found = {}                           # one storage per key, as memory.collect_saved counts them
+    for item in saved_by(node, ctx):
+        if isinstance(item, Extra):
+            found[item.key] = item.n_bytes
+        elif item not in node.inputs:
+            found[item] = 4 * int(np.prod(ctx.shape(item)))
+    return sum(found.values())
+
+
+def _node(op, inputs, outputs, **attrs):
+    from types import MappingProxyType
+    from costlens.ir import Node
+    return Node(name="n", op=op, inputs=tuple(inputs), outputs=tuple(outputs), attrs=MappingProxyType(attrs))
+
+
+@pytest.mark.parametrize("needs_x, needs_router, trains", [
+    (x, r, t) for x in (False, True) for r in (False, True) for t in (False, True)])
+@pytest.mark.parametrize("attrs", [
+    {"activation_type": "swiglu", "swiglu_fusion": 1, "normalize_routing_weights": 1},
+    {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.702, "activation_beta": 1.0,
+     "swiglu_limit": 7.0},
+    {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_beta": 1.0},
+    {"activation_type": "relu"},
+    {"activation_type": "gelu", "normalize_routing_weights": 1},
+])
+def test_moe_saved_rule_is_what_the_torch_moe_saves(needs_x, needs_router, trains, attrs):
+    from costlens.measure.torch_ops import OPS
+    tokens, d, f, e, k = 48, 16, 24, 4, 2
+    up = 2 * f if attrs["activation_type"] == "swiglu" else f
+    node = _node("com.microsoft.MoE", ["x", "r", "w1", "", "w2"], ["y"], k=k, **attrs)
+    x = torch.randn(2, tokens // 2, d, requires_grad=needs_x)
+    r = torch.randn(tokens, e, requires_grad=needs_router)
+    w1, w2 = torch.randn(e, up, d, requires_grad=trains), torch.randn(e, d, f, requires_grad=trains)
+    measured = _saved_bytes(lambda *a: OPS[node.op](node, *a), [x, r, w1, None, w2], [x, r, w1, w2])
+    ctx = _Ctx({"x": (2, tokens // 2, d), "r": (tokens, e), "w1": (e, up, d), "w2": (e, d, f)},
+               {n for n, flag in (("x", needs_x), ("r", needs_router)) if flag}, trains)
+    assert _rule_bytes(node, ctx) == measured
+
+
+@pytest.mark.parametrize("needs", [set(s) for s in ("q", "k", "v", "qk", "qv", "kv", "qkv", "")])
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_group_query_attention_saved_rule_is_what_eager_attention_saves(needs, softcap):
+    from costlens.measure.torch_ops import OPS
+    b, s, heads, kv_heads, hd = 2, 12, 4, 2, 8
+    node = _node("com.microsoft.GroupQueryAttention", ["q", "k", "v", "", "", "", "", "wcos", "wsin"], ["o"],
+                 num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, softcap=softcap)
+    q = torch.randn(b, s, heads * hd, requires_grad="q" in needs)
+    k = torch.randn(b, s, kv_heads * hd, requires_grad="k" in needs)
+    v = torch.randn(b, s, kv_heads * hd, requires_grad="v" in needs)
+    cos, sin = torch.randn(32, hd // 2), torch.randn(32, hd // 2)
+    measured = _saved_bytes(lambda *a: OPS[node.op](node, *a), [q, k, v, None, None, None, None, cos, sin],
+                            [q, k, v, cos, sin])
+    ctx = _Ctx({"q": (b, s, heads * hd), "k": (b, s, kv_heads * hd), "v": (b, s, kv_heads * hd)}, needs, False)
+    assert _rule_bytes(node, ctx) == measured
+
+
+@pytest.mark.parametrize("needs_x, trains", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("op", ["SimplifiedLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization"])
+def test_simplified_norm_saved_rules_are_what_rmsnorm_saves(needs_x, trains, op):
+    from costlens.measure.torch_ops import OPS
+    shape = (2, 12, 16)
+    skip = op.startswith("com.")
+    node = _node(op, ["x", "skip", "w"] if skip else ["x", "w"], ["y", "", "", "s"] if skip else ["y"])
+    x, residual = torch.randn(shape, requires_grad=needs_x), torch.randn(shape)
+    w = torch.randn(shape[-1], requires_grad=trains)
+    args = [x, residual, w] if skip else [x, w]
+    measured = _saved_bytes(lambda *a: OPS[op](node, *a), args, args)
+    needs = {"x", "y", "s"} if needs_x else ({"y"} if trains else set())
+    assert _rule_bytes(node, _Ctx({"x": shape, "skip": shape, "s": shape}, needs, trains)) == measured

@@ -52,10 +52,10 @@ class SourceError(CostlensError):
 
 # --------------------------------------------------------------------------- sources
 
-def module_from_spec(spec: str):
+def module_from_spec(spec: str, device: str = "meta"):
     """``package.module:factory`` -> (module, example inputs or None). The factory runs under
-    ``torch.device("meta")`` so that a big model is never materialized; the current folder
-    is importable, as for ``python -m``."""
+    ``torch.device("meta")`` so that a big model is never materialized (validation asks for
+    real weights on the CPU instead); the current folder is importable, as for ``python -m``."""
     import importlib
 
     module_name, _, attribute = spec.partition(":")
@@ -78,7 +78,7 @@ def module_from_spec(spec: str):
     if not callable(target):
         raise SourceError(f"{spec}: {attribute!r} is not callable (expected a factory returning an nn.Module)")
     try:
-        with torch.device("meta"):
+        with torch.device(device):
             result = target()
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"{spec}: the factory raised {type(e).__name__}: {_first_line(e)}") from e

@@ -7,6 +7,7 @@ is measured by ``measure_step`` (two steps, the second reported).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -113,6 +114,66 @@ def _with_inference(validation: Validation, path, model: Model, result: Estimate
     row = Comparison(f"inference bytes ({measured.provider})", estimated, measured.session_bytes, None)
     note = "inference: onnxruntime's arena and kernel overheads are included in the measurement"
     return replace(validation, comparisons=validation.comparisons + (row,), notes=validation.notes + (note,))
+
+
+def validate_torch(source: str, plan: Plan, setup: Setup, device: str = "cpu", tolerance: float = 0.05,
+                   progress: Callable[[str], None] = lambda message: None) -> Validation:
+    """Price a plan from the traced module and measure the real module (built by the import
+    spec's factory with its own weights) with the plan applied by parameter name."""
+    from costlens.frontends.torch_export import module_from_spec
+    from costlens.measure.step import measure_step
+
+    setup = check_setup(replace(setup, device=device))
+    _measurable(setup, device)
+    if plan.stack_ffn or plan.dropout:
+        raise PlanError("--stack-ffn and --dropout change the model: validate them from its ONNX graph")
+    if not isinstance(source, str) or ":" not in source or Path(source).exists():
+        raise PlanError("validating a PyTorch source needs an import spec package.module:factory")
+    progress("tracing the module")
+    model = load(source)
+    result = estimate(model, plan, setup)
+    progress("building the module with weights on the CPU and applying the plan")
+    module, _ = module_from_spec(source, device="cpu")
+    module = apply_plan(module, model, result)
+    progress(f"measuring two training steps on {device} (batch {result.batch}, seq {result.seq})")
+    measured = measure_step(module, result.batch, result.seq, model.roles.architecture.vocab, setup.optimizer,
+                            setup.optimizer_impl, device=device)
+    notes = ("experts priced with moe_dispatch=" + setup.moe_dispatch + ": it must match what the module runs",) \
+        if model.roles.routers else ()
+    return _compare(result, measured, setup, device, "torch", tolerance, notes)
+
+
+def apply_plan(module, model: Model, result: Estimate):
+    """The plan on a torch module, by the parameter names the torch front end kept: frozen
+    weights (requires_grad), LoRA as PEFT runs it (target_modules, target_parameters for 3-D
+    expert tensors, per-module ranks), stop-gradients as forward hooks detaching the outputs."""
+    by_key = {u.key: u for u in model.roles.params}
+    trainable = {by_key[k].constant for k in result.trainable_keys}
+    names: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):   # a tie has two names
+        names.setdefault(id(parameter), []).append(name)
+    for parameter in module.parameters():
+        parameter.requires_grad_(any(name in trainable for name in names[id(parameter)]))
+    for attention in model.roles.attentions if result.plan.stop_grad else ():
+        for site in attention.o_sites:
+            use = next(u for u in model.roles.params if u.site == model.graph.nodes[site].name and u.kind == "o")
+            module.get_submodule(use.constant.rsplit(".", 1)[0]).register_forward_hook(
+                lambda _module, _inputs, output: output.detach())
+    if not result.adapters:
+        return module
+    from peft import LoraConfig, get_peft_model
+    targets = [by_key[a.key].constant for a in result.adapters]
+    linear = [t.rsplit(".", 1)[0] for t, a in zip(targets, result.adapters) if not a.n_experts]
+    tensors = [t for t, a in zip(targets, result.adapters) if a.n_experts]
+    ranks = {**{re.escape(m): a.rank for m, a in zip(linear, [a for a in result.adapters if not a.n_experts])},
+             **{t.rsplit(".", 1)[-1]: a.rank for t, a in zip(tensors, [a for a in result.adapters if a.n_experts])}}
+    config = LoraConfig(r=result.plan.rank, lora_alpha=result.plan.alpha, lora_dropout=result.plan.lora_dropout,
+                        bias="none", target_modules=linear, target_parameters=tensors, rank_pattern=ranks)
+    wrapped = get_peft_model(module, config)
+    for name, parameter in wrapped.base_model.model.named_parameters():
+        if name in trainable:                     # base weights the plan trains beside the adapters
+            parameter.requires_grad_(True)
+    return wrapped
 
 
 def _compare(result: Estimate, measured, setup: Setup, device: str, source: str, tolerance: float,

@@ -301,9 +301,9 @@ def _moe_activation_saved(node: Node, pairs: int, weights: dict, ffn: int, act: 
     name = node.name
     activation = node.attr("activation_type", "relu")
     activation = activation.decode() if isinstance(activation, bytes) else str(activation)
-    if activation != "swiglu":
-        fc1_out = weights["fc1"][1]
-        return [] if activation == "identity" else [Extra(f"fc1_out@{name}", pairs * fc1_out * act)]
+    if activation != "swiglu":       # relu keeps its output (what fc2 keeps too), gelu / silu their input
+        key = "activated" if activation == "relu" else "fc1_out"
+        return [] if activation == "identity" else [Extra(f"{key}@{name}", pairs * weights["fc1"][1] * act)]
     kept = [Extra(f"fc1_out@{name}", pairs * 2 * ffn * act), Extra(f"gate_act@{name}", pairs * ffn * act)]
     limit = node.attr("swiglu_limit") is not None
     extra = int(limit) + int(float(node.attr("activation_alpha", 1.0)) != 1.0)

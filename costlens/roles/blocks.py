@@ -39,7 +39,7 @@ ACTIVATION_OPS = {
     "Selu": "selu", "Celu": "celu",
 }
 FFN_INNER_OPS = frozenset({
-    "Mul", "Add", "Sub", "Div", "Pow", "Tanh", "Erf", "Sigmoid", "Gelu", "Relu", "Split", "Slice", "Cast",
+    "Mul", "Add", "Sub", "Div", "Pow", "Tanh", "Erf", "Sigmoid", "Gelu", "Relu", "Split", "Slice", "Cast", "Reshape",
     "Identity", "Dropout", "Softplus", "Neg", "com.microsoft.FastGelu", "com.microsoft.BiasGelu",
     "com.microsoft.QuickGelu", "Mish", "Elu", "LeakyRelu", "HardSwish", "Clip",
 })
