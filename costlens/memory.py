@@ -213,11 +213,43 @@ def _fused_attention_nodes(analysis: StepAnalysis) -> dict[int, list]:
     return replaced
 
 
+def routed_expert_nodes(analysis: StepAnalysis) -> dict[int, tuple[float, str, int]]:
+    """Nodes computing inside a dense-form expert unit, with the share of tokens routed
+    execution gives each expert (k / E), the unit's name and how many experts it holds (E for a
+    unit of 3-D expert tensors, 1 for one expert's linears). Empty unless dispatch is routed."""
+    if not analysis.expert_share:
+        return {}
+    graph = analysis.model.graph
+    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
+    inside: dict[int, tuple[float, str, int]] = {}
+    three_d = {u.site: u.n_experts for u in analysis.model.roles.params if u.n_experts}
+    index_of = {n.name: i for i, n in enumerate(graph.nodes)}
+    stacked = {index_of[site]: n for site, n in three_d.items()}
+    for unit in analysis.model.roles.ffn_units:
+        share = analysis.expert_share.get(unit.down_site)
+        if share is None:
+            continue
+        copies = stacked.get(unit.down_site, 1)     # one unit holding E experts gathers E inputs
+        first = set(unit.up_sites) | set(unit.gate_sites)
+        members = first | {unit.down_site}
+        for index in range(min(first) + 1, unit.down_site):     # between the unit's first linears and its down
+            if any(producer.get(x) in members for x in graph.nodes[index].inputs if x):
+                members.add(index)
+        for index in members:
+            inside[index] = (share, graph.nodes[unit.down_site].name, copies)
+    return inside
+
+
 def collect_saved(analysis: StepAnalysis, ctx: _Context, plan: Plan, setup: Setup) -> dict[str, _Saved]:
+    """Storages autograd keeps, by key. With routed MoE dispatch each expert keeps its k/E share
+    of what the dense-form graph shows, and a gathered copy of its input tokens instead of the
+    shared input."""
     saved: dict[str, _Saved] = {}
     graph = analysis.model.graph
     fused = _fused_attention_nodes(analysis) if setup.attention == "fused" else {}
     adapter_at = analysis.adapter_at
+    routed = routed_expert_nodes(analysis)
+    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
     for index, node in enumerate(graph.nodes):
         if not analysis.runs_backward[index]:
             continue
@@ -229,10 +261,35 @@ def collect_saved(analysis: StepAnalysis, ctx: _Context, plan: Plan, setup: Setu
                 _add(saved, item.key, item.n_bytes, index)
             elif item and not ctx.is_weight(item) and item not in graph.inputs:
                 root = ctx.storage(item)
-                _add(saved, root, ctx.nbytes(root), index)
+                made_in = routed.get(producer.get(root))
+                if made_in is not None:                        # made inside an expert: its routed share
+                    _add(saved, root, round(ctx.nbytes(root) * made_in[0]), index)
+                elif index in routed:                          # the unit's input: a gathered copy per expert
+                    share, unit, copies = routed[index]
+                    _add(saved, f"routed_input@{unit}", round(ctx.nbytes(root) * share * copies), index)
+                else:
+                    _add(saved, root, ctx.nbytes(root), index)
     for key, n_bytes, release in _dropout_saved(analysis, ctx, plan):
         _add(saved, key, n_bytes, release)
+    for key, n_bytes, release in _routed_combine_saved(analysis, ctx, routed):
+        _add(saved, key, n_bytes, release)
     return saved
+
+
+def _routed_combine_saved(analysis: StepAnalysis, ctx: _Context, routed: dict):
+    """Routed execution adds each expert's weighted output back with index_add, whose backward
+    keeps that output (``derivatives.yaml``: the source gradient is shaped ``expand_as(source)``):
+    the routed share of the experts' down outputs."""
+    graph = analysis.model.graph
+    downs = {graph.nodes[i].name: i for i in routed}
+    found = []
+    for name, (share, unit, _copies) in {v[1]: v for v in routed.values()}.items():
+        index = downs[unit]
+        out = graph.nodes[index].outputs[0]
+        weighted = [o for n in graph.nodes if out in n.inputs and n.op == "Mul" for o in n.outputs]
+        if any(ctx.needs(t) for t in [out, *weighted]):     # the source needs a gradient
+            found.append((f"routed_combine@{unit}", round(ctx.nbytes(out) * share), index))
+    return found
 
 
 def _lora_saved(analysis: StepAnalysis, ctx: _Context, index: int, plan: Plan) -> list:
@@ -255,10 +312,8 @@ def _lora_saved(analysis: StepAnalysis, ctx: _Context, index: int, plan: Plan) -
         items.append(Extra(f"lora_drop@{node.name}", rows * adapter.d_in * act))
         if ctx.needs(x):
             items.append(Extra(f"lora_mask@{node.name}", rows * adapter.d_in * ctx.mask_bytes))
-    elif share == 1.0:
-        items.append(x)
     else:
-        items.append(Extra(f"lora_x@{node.name}", rows * adapter.d_in * act))   # the routed tokens' copy
+        items.append(x)      # routed experts: collect_saved turns it into the gathered tokens' copy
     return items
 
 
@@ -322,12 +377,14 @@ def _grads_at(analysis: StepAnalysis, precision: Precision) -> dict[int, int]:
     return grads
 
 
-def _transient(ctx: _Context, node: Node) -> int:
-    """Gradient tensors alive while one node runs backward: its output's and its inputs'."""
+def _transient(ctx: _Context, node: Node, share: float = 1.0) -> int:
+    """Gradient tensors alive while one node runs backward: its output's and its inputs' (an
+    expert's, at its routed share of tokens)."""
     if node.op in VIEW_OPS:
         return 0
     total = sum(ctx.nbytes(o) for o in node.outputs if o and ctx.needs(o))
-    return total + sum(ctx.nbytes(x) for x in node.inputs if x and ctx.needs(x)) + backward_transient(node, ctx)
+    total += sum(ctx.nbytes(x) for x in node.inputs if x and ctx.needs(x))
+    return round(total * share) + backward_transient(node, ctx)
 
 
 # --------------------------------------------------------------------------- estimate
@@ -388,6 +445,7 @@ def _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, base, held
         if key not in layer_keys:
             released[item.release] = released.get(item.release, 0) + item.n_bytes
     live = held_at_start
+    routed = routed_expert_nodes(analysis)
     grad_logits = ctx.nbytes(graph.outputs[0])
     peak = base + live + 2 * grad_logits          # nll_loss and log_softmax gradients together
     live -= saved["loss:log_softmax"].n_bytes
@@ -403,7 +461,8 @@ def _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, base, held
             for item in layer_items.get(layer, ()):
                 released[item.release] = released.get(item.release, 0) + item.n_bytes
         grads += grads_at.get(index, 0)
-        peak = max(peak, base + live + grads + _transient(ctx, graph.nodes[index]))
+        share = routed[index][0] if index in routed else 1.0
+        peak = max(peak, base + live + grads + _transient(ctx, graph.nodes[index], share))
         live -= released.get(index, 0)
     return peak
 
