@@ -66,6 +66,26 @@ def run(device: str):
     return rows
 
 
+def run_routed(device: str):
+    """MoE with routed dispatch: the dense-form torch module traced and priced, its routed twin
+    (each expert on its own tokens) measured with the plan applied by parameter name."""
+    sys.path.insert(0, str(ROOT / "fixtures"))
+    import models
+    from costlens.measure.validate import validate_module
+    rows = []
+    for fixture, factory in (("moe", models.moe_like), ("moe_fused", models.moe_fused_like)):
+        traced = costlens.load(factory())
+        for spec in costlens.default_plans(traced):
+            for batch, seq in SIZES:
+                result = validate_module(traced, factory(dispatch="sparse"), parse_plan_spec(spec),
+                                         Setup(batch=batch, seq=seq), device=device)
+                by_name = {c.quantity: c for c in result.comparisons}
+                rows.append((f"{fixture} (torch, routed)", spec.split(":")[0], batch, seq, result, by_name))
+                print(f"{fixture:11s} routed {spec.split(':')[0]:26s} {batch}x{seq:<4d} peak "
+                      f"{100 * by_name['peak bytes'].error:+6.2f}%  ok={result.ok}", file=sys.stderr)
+    return rows
+
+
 def markdown(rows, device: str, seconds: float) -> str:
     import torch
     lines = [
@@ -77,8 +97,9 @@ def markdown(rows, device: str, seconds: float) -> str:
         "module with the plan applied per parameter (`costlens.measure.executor`), exact live tensor storage on "
         "the CPU (`costlens.measure.tracker`), FLOPs from `torch.utils.flop_counter.FlopCounterMode`. fp32, "
         "AdamW (for-loop) unless the plan says otherwise, eager attention. The exported MoE graphs run every expert "
-        "on every token, so they are priced and measured with `moe_dispatch=dense`; routed dispatch is checked "
-        "against the torch modules (`tests/test_estimate_torch.py`). The genai fixtures (onnxruntime-genai's "
+        "on every token, so they are priced and measured with `moe_dispatch=dense`; the rows marked \"torch, routed\" "
+        "price the traced torch module with routed dispatch and measure its twin that runs each expert on its own "
+        "tokens. The genai fixtures (onnxruntime-genai's "
         "contrib ops) run GroupQueryAttention eagerly and com.microsoft.MoE routed, each expert on its own tokens "
         "(`costlens.measure.torch_ops`); they are measured up to seq 64 (their rotary caches hold 64 positions), "
         "and LoRA on MoE's fused expert weights is not run yet.",
@@ -109,14 +130,17 @@ def record(rows, device: str) -> None:
     import torch
     out = ROOT / "fixtures" / "measured"
     out.mkdir(parents=True, exist_ok=True)
-    for fixture, plan, batch, seq, result, c in rows:
+    for label, plan, batch, seq, result, c in rows:
+        fixture = label.split(" ")[0]
+        source = "torch module" if result.source == "torch" else "onnx graph"
         entry = {"schema": "costlens.measured/1", "device": device, "torch": torch.__version__,
-                 "fixture": fixture, "plan": plan, "batch": batch, "seq": seq,
+                 "fixture": fixture, "measured_on": source, "plan": plan, "batch": batch, "seq": seq,
                  "setup": {"optimizer": result.setup.optimizer, "optimizer_impl": result.setup.optimizer_impl,
                            "moe_dispatch": result.setup.moe_dispatch},
                  "measured": {q.quantity: q.measured for q in result.comparisons},
                  "peak_phase": result.measured_phase}
-        (out / f"{device}-{fixture}-{plan}-{batch}x{seq}.json").write_text(json.dumps(entry, indent=2) + "\n")
+        tag = f"{fixture}-{result.setup.moe_dispatch}" if result.source == "torch" else fixture
+        (out / f"{device}-{tag}-{plan}-{batch}x{seq}.json").write_text(json.dumps(entry, indent=2) + "\n")
 
 
 def main() -> int:
@@ -126,7 +150,7 @@ def main() -> int:
     parser.add_argument("--record", action="store_true", help="write fixtures/measured/ (default with --device cuda)")
     args = parser.parse_args()
     start = time.time()
-    rows = run(args.device)
+    rows = run(args.device) + run_routed(args.device)
     Path(args.out).write_text(markdown(rows, args.device, time.time() - start))
     if args.record or args.device == "cuda":
         record(rows, args.device)

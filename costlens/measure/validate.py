@@ -15,7 +15,7 @@ from typing import Callable
 from costlens.api import Model, load
 from costlens.errors import PlanError
 from costlens.estimate import Estimate, estimate
-from costlens.gradients import analyze
+from costlens.gradients import analyze, expert_token_share
 from costlens.plans import Plan, Setup, check_setup
 
 FLOP_TOLERANCE = 0.01
@@ -81,7 +81,7 @@ def validate_onnx(path: str | Path, plan: Plan, setup: Setup, device: str = "cpu
     _measurable(setup, device)
     base = load(path)
     notes = []
-    if base.roles.routers and setup.moe_dispatch == "routed":
+    if expert_token_share(base) and setup.moe_dispatch == "routed":
         setup = replace(setup, moe_dispatch="dense")
         notes.append("the exported graph runs every expert on every token: priced and measured as dense dispatch")
     progress("estimating")
@@ -121,7 +121,6 @@ def validate_torch(source: str, plan: Plan, setup: Setup, device: str = "cpu", t
     """Price a plan from the traced module and measure the real module (built by the import
     spec's factory with its own weights) with the plan applied by parameter name."""
     from costlens.frontends.torch_export import module_from_spec
-    from costlens.measure.step import measure_step
 
     setup = check_setup(replace(setup, device=device))
     _measurable(setup, device)
@@ -131,9 +130,19 @@ def validate_torch(source: str, plan: Plan, setup: Setup, device: str = "cpu", t
         raise PlanError("validating a PyTorch source needs an import spec package.module:factory")
     progress("tracing the module")
     model = load(source)
-    result = estimate(model, plan, setup)
-    progress("building the module with weights on the CPU and applying the plan")
+    progress("building the module with weights on the CPU")
     module, _ = module_from_spec(source, device="cpu")
+    return validate_module(model, module, plan, setup, device, tolerance, progress)
+
+
+def validate_module(model: Model, module, plan: Plan, setup: Setup, device: str = "cpu", tolerance: float = 0.05,
+                    progress: Callable[[str], None] = lambda message: None) -> Validation:
+    """Price ``plan`` on ``model`` (the traced graph) and measure ``module`` (a torch module with
+    the same parameter names, e.g. the routed-dispatch twin of a dense-traced MoE) with it applied."""
+    from costlens.measure.step import measure_step
+
+    setup = check_setup(replace(setup, device=device))
+    result = estimate(model, plan, setup)
     module = apply_plan(module, model, result)
     progress(f"measuring two training steps on {device} (batch {result.batch}, seq {result.seq})")
     measured = measure_step(module, result.batch, result.seq, model.roles.architecture.vocab, setup.optimizer,
