@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from costlens.frontends.irbuild import Builder, Sym, Value
+from costlens.ops.registry import rule_table
 
 Lowering = Callable[["Builder", "Call"], Any]
 LOWERINGS: dict[str, Lowering] = {}
@@ -48,15 +49,7 @@ class Call:
         return self.outs[i] if i < len(self.outs) and self.outs[i] is not None else (None, "float32")
 
 
-def lowers(*ops: str):
-    """Register one rule for several ops; an op registered twice is a bug."""
-    def register(rule: Lowering) -> Lowering:
-        for op in ops:
-            if op in LOWERINGS:
-                raise ValueError(f"lowering for {op!r} registered twice")
-            LOWERINGS[op] = rule
-        return rule
-    return register
+lowers = rule_table(LOWERINGS, "lowering")      # one rule for several ops; twice is a bug
 
 
 # --------------------------------------------------------------------------- helpers

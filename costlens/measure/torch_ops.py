@@ -12,20 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from costlens.errors import CostlensError
+from costlens.ops.registry import rule_table
 
 OPS: dict[str, Callable] = {}
 _DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 6: torch.int32, 7: torch.int64, 9: torch.bool,
            10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
 
 
-def op(*names: str):
-    def register(fn):
-        for name in names:
-            if name in OPS:
-                raise ValueError(f"op {name!r} registered twice")
-            OPS[name] = fn
-        return fn
-    return register
+op = rule_table(OPS, "torch implementation")
 
 
 def run_op(node, args: list) -> list:

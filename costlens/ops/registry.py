@@ -36,6 +36,21 @@ class OpInfo:
 _REGISTRY: dict[str, OpInfo] = {}
 
 
+def rule_table(table: dict, what: str):
+    """A decorator ``@rule(*ops)`` filling ``table`` with one function for several ops; an op
+    registered twice is a bug (as in torch.utils.flop_counter's registry). Every per-op table
+    in costlens (saved tensors, torch implementations, aten lowerings) is filled through it."""
+    def rule(*ops: str):
+        def register(fn):
+            for op in ops:
+                if op in table:
+                    raise ValueError(f"{what} for {op!r} registered twice")
+                table[op] = fn
+            return fn
+        return register
+    return rule
+
+
 def register(family: Family, *ops: str) -> None:
     for op in ops:
         if op in _REGISTRY:

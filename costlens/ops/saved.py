@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from costlens.ir import Node
+from costlens.ops.registry import rule_table
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,7 @@ SAVED_RULES: dict[str, Rule] = {}
 TRANSIENT_RULES: dict[str, Callable[[Node, SavedContext], int]] = {}
 
 
-def saves(*ops: str):
-    def register(rule: Rule) -> Rule:
-        for op in ops:
-            if op in SAVED_RULES:
-                raise ValueError(f"saved-tensor rule for {op!r} registered twice")
-            SAVED_RULES[op] = rule
-        return rule
-    return register
+saves = rule_table(SAVED_RULES, "saved-tensor rule")
 
 
 def _grad_needed(node: Node, operand: str, ctx: SavedContext) -> bool:
