@@ -1,9 +1,9 @@
 """Memory of one steady-state training step (the second step: optimizer state exists).
 
 Persistent: weights, optimizer state (and fp32 master weights under mixed precision).
-Activations: the storages autograd saves for backward (ops/saved.py), each storage counted
-once (views share their base's storage), and the loss's log-softmax. The training loop is
-taken to keep only the loss (as the Hugging Face Trainer does), not the logits. The peak is simulated phase by phase (DESIGN.md §2.8): the end of the
+Activations: the storages autograd saves for backward (storages.py), and the loss's
+log-softmax. The training loop is taken to keep only the loss (as the Hugging Face Trainer
+does), not the logits. The peak is simulated phase by phase (DESIGN.md §2.8): the end of the
 forward; backward in reverse order, saved storages released after the last node that needs
 them while weight gradients appear; the optimizer step with its temporaries. Gradients are
 freed by ``zero_grad(set_to_none=True)`` before each forward.
@@ -14,17 +14,12 @@ from dataclasses import dataclass
 
 from costlens.gradients import StepAnalysis
 from costlens.ir import Node
-from costlens.ops.saved import Extra, backward_transient, saved_by
+from costlens.ops.saved import backward_transient
 from costlens.optimizers import state_bytes, step_temporaries
 from costlens.plans import Plan, Setup
-from costlens.shapes import eval_shape, numel
-
-VIEW_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Split",
-                      "Expand", "Dropout"})
-# Ops autocast runs in fp32 under mixed precision (torch.amp's fp32 list).
-AUTOCAST_FP32 = frozenset({"Softmax", "LogSoftmax", "LayerNormalization", "Pow", "ReduceMean", "Sqrt",
-                           "Reciprocal", "Exp", "Log", "RMSNormalization"})
-INT_BYTES = {"int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
+from costlens.shapes import numel
+from costlens.storages import (VIEW_OPS, Precision, StorageContext, SavedStorage, collect_saved,
+                               routed_expert_nodes)
 
 
 @dataclass(frozen=True)
@@ -36,321 +31,6 @@ class MemoryBytes:
     peak: int
     peak_phase: str
     activations_by_layer: tuple[tuple[int | None, int], ...] = ()   # (layer or None outside blocks, bytes)
-
-
-@dataclass(frozen=True)
-class Precision:
-    weight: int          # bytes per weight (and gradient)
-    activation: int      # bytes per activation element
-    state: int           # bytes per optimizer-state element
-    master: int          # bytes of master copy per trainable parameter
-    mixed: bool
-
-    @staticmethod
-    def of(name: str) -> "Precision":
-        if name == "fp32":
-            return Precision(4, 4, 4, 0, False)
-        if name == "bf16":
-            return Precision(2, 2, 2, 0, False)
-        return Precision(2, 2, 4, 4, True)      # bf16-mixed / fp16-mixed: half weights, fp32 master and state
-
-
-class _Context:
-    """The SavedContext the per-op rules read, over one StepAnalysis."""
-
-    def __init__(self, analysis: StepAnalysis, precision: Precision, device: str = "cuda",
-                 attention: str = "eager"):
-        self.analysis = analysis
-        self.attention = attention
-        self.mask_bytes = 1 if device == "cuda" else precision.activation   # dropout masks
-        self.graph = analysis.model.graph
-        self.precision = precision
-        self.fused_inner = silu_sigmoid_outputs(self.graph) | rsqrt_sqrt_outputs(self.graph)
-        self.consumers: dict[str, list[int]] = {}
-        for index, node in enumerate(self.graph.nodes):
-            for name in node.inputs:
-                if name:
-                    self.consumers.setdefault(name, []).append(index)
-        self._index = {n.name: i for i, n in enumerate(self.graph.nodes)}
-        self._producer = {o: n for n in self.graph.nodes for o in n.outputs if o}
-        self._receives: set[str] | None = None
-
-    def needs(self, tensor: str) -> bool:
-        return self.analysis.needs(tensor)
-
-    def receives(self, tensor: str) -> bool:
-        """It gets a gradient from the loss in backward (needs one and a consumer passes one back)."""
-        if self._receives is None:
-            analysis = self.analysis
-            found = {o for o in self.graph.outputs if analysis.needs(o)}
-            for index in range(len(self.graph.nodes) - 1, -1, -1):
-                if analysis.runs_backward[index]:
-                    found.update(x for x in self.graph.nodes[index].inputs if x and analysis.needs(x))
-            self._receives = found
-        return tensor in self._receives
-
-    def is_weight(self, tensor: str) -> bool:
-        return tensor in self.analysis.weights
-
-    def trains(self, node: Node) -> bool:
-        """Its weight needs a gradient: the weight trains, or LoRA re-parametrizes it (3-D experts)."""
-        index = self._index[node.name]
-        adapter = self.analysis.adapter_at.get(index)
-        return index in self.analysis.trainable_sites or bool(adapter and adapter.n_experts)
-
-    def is_fused_inner(self, tensor: str) -> bool:
-        return tensor in self.fused_inner
-
-    def rows(self, tensor: str) -> int:
-        shape = self.shape(tensor)
-        return numel(shape) // shape[-1] if shape else 0
-
-    def stat_bytes(self) -> int:
-        return 4
-
-    def act_bytes(self, op: str = "") -> int:
-        """Bytes per element of an activation ``op`` produces (fp32 where autocast runs it in fp32)."""
-        return 4 if self.precision.mixed and op in AUTOCAST_FP32 else self.precision.activation
-
-    def fused_attention(self) -> bool:
-        return self.attention == "fused"
-
-    def weight_bytes(self) -> int:
-        return self.precision.weight
-
-    def shape(self, tensor: str):
-        return eval_shape(self.graph.shape(tensor), self.analysis.bindings)
-
-    def element_bytes(self, tensor: str) -> int:
-        dtype = self.graph.dtype(tensor) or "float32"
-        if dtype in INT_BYTES:
-            return INT_BYTES[dtype]
-        producer = self.producer(tensor)
-        if self.precision.mixed and producer is not None and producer.op in AUTOCAST_FP32:
-            return 4
-        return self.precision.activation
-
-    def producer(self, tensor: str) -> Node | None:
-        return self._producer.get(tensor)
-
-    def storage(self, tensor: str) -> str:
-        """The tensor whose storage this one shares (views), else itself."""
-        current = tensor
-        while True:
-            node = self.producer(current)
-            if node is None or node.op not in VIEW_OPS or not node.inputs[0]:
-                return current
-            base = self.producer(node.inputs[0])
-            if node.op == "Reshape" and base is not None and base.op in ("Transpose", "Expand"):
-                return current            # reshaping a non-contiguous tensor copies it
-            current = node.inputs[0]
-
-    def nbytes(self, tensor: str) -> int:
-        shape = self.shape(tensor)
-        return numel(shape) * self.element_bytes(tensor) if shape is not None else 0
-
-
-def _users(graph) -> dict[str, list[Node]]:
-    users: dict[str, list[Node]] = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            users.setdefault(name, []).append(node)
-    return users
-
-
-def rsqrt_sqrt_outputs(graph) -> set[str]:
-    """Sqrt outputs used only by a Reciprocal: torch runs 1 / sqrt(x) as one rsqrt, which keeps
-    only its result."""
-    users = _users(graph)
-    return {n.outputs[0] for n in graph.nodes
-            if n.op == "Sqrt" and [u.op for u in users.get(n.outputs[0], [])] == ["Reciprocal"]}
-
-
-def silu_sigmoid_outputs(graph) -> set[str]:
-    """Sigmoid outputs used only as x * sigmoid(x): torch runs that as one silu."""
-    found = set()
-    users = _users(graph)
-    for node in graph.nodes:
-        if node.op != "Sigmoid":
-            continue
-        x, y = node.inputs[0], node.outputs[0]
-        uses = users.get(y, [])
-        if uses and all(u.op == "Mul" and set(u.inputs) == {x, y} for u in uses):
-            found.add(y)
-    return found
-
-
-# --------------------------------------------------------------------------- saved storages
-
-@dataclass
-class _Saved:
-    n_bytes: int
-    release: int          # node index whose backward is the last to need it
-
-
-def _add(saved: dict, key: str, n_bytes: int, release: int) -> None:
-    if key in saved:
-        saved[key].release = min(saved[key].release, release)
-    else:
-        saved[key] = _Saved(n_bytes, release)
-
-
-def _fused_attention_nodes(analysis: StepAnalysis) -> dict[int, list]:
-    """With a fused kernel (flash / memory-efficient SDPA) no seq x seq tensor is kept:
-    the core saves q, k, v, its output and a per-row logsumexp instead."""
-    replaced: dict[int, list] = {}
-    graph = analysis.model.graph
-    for block in analysis.model.roles.attentions:
-        if block.kind != "eager":
-            continue
-        score, context = graph.nodes[block.score_node], graph.nodes[block.context_node]
-        q, k = score.inputs[:2]
-        v, out = context.inputs[1], context.outputs[0]
-        for index in range(block.score_node, block.context_node + 1):
-            replaced.setdefault(index, [])
-        lse = (block.heads or 1) * analysis.bindings["batch"] * analysis.bindings["seq"] * 4
-        replaced[block.context_node] = [q, k, v, out, Extra(f"lse@{context.name}", lse)]
-    return replaced
-
-
-def routed_expert_nodes(analysis: StepAnalysis) -> dict[int, tuple[float, str, int]]:
-    """Nodes computing inside a dense-form expert unit, with the share of tokens routed
-    execution gives each expert (k / E), the unit's name and how many experts it holds (E for a
-    unit of 3-D expert tensors, 1 for one expert's linears). Empty unless dispatch is routed."""
-    if not analysis.expert_share:
-        return {}
-    graph = analysis.model.graph
-    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
-    inside: dict[int, tuple[float, str, int]] = {}
-    three_d = {u.site: u.n_experts for u in analysis.model.roles.params if u.n_experts}
-    index_of = {n.name: i for i, n in enumerate(graph.nodes)}
-    stacked = {index_of[site]: n for site, n in three_d.items()}
-    for unit in analysis.model.roles.ffn_units:
-        share = analysis.expert_share.get(unit.down_site)
-        if share is None:
-            continue
-        copies = stacked.get(unit.down_site, 1)     # one unit holding E experts gathers E inputs
-        first = set(unit.up_sites) | set(unit.gate_sites)
-        members = first | {unit.down_site}
-        for index in range(min(first) + 1, unit.down_site):     # between the unit's first linears and its down
-            if any(producer.get(x) in members for x in graph.nodes[index].inputs if x):
-                members.add(index)
-        for index in members:
-            inside[index] = (share, graph.nodes[unit.down_site].name, copies)
-    return inside
-
-
-def collect_saved(analysis: StepAnalysis, ctx: _Context, plan: Plan, setup: Setup) -> dict[str, _Saved]:
-    """Storages autograd keeps, by key. With routed MoE dispatch each expert keeps its k/E share
-    of what the dense-form graph shows, and a gathered copy of its input tokens instead of the
-    shared input."""
-    saved: dict[str, _Saved] = {}
-    graph = analysis.model.graph
-    fused = _fused_attention_nodes(analysis) if setup.attention == "fused" else {}
-    adapter_at = analysis.adapter_at
-    routed = routed_expert_nodes(analysis)
-    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
-    for index, node in enumerate(graph.nodes):
-        if not analysis.runs_backward[index]:
-            continue
-        items = fused[index] if index in fused else saved_by(node, ctx)
-        if index in adapter_at:
-            items = items + _lora_saved(analysis, ctx, index, plan)
-        for item in items:
-            if isinstance(item, Extra):
-                _add(saved, item.key, item.n_bytes, index)
-            elif item and not ctx.is_weight(item) and item not in graph.inputs:
-                root = ctx.storage(item)
-                made_in = routed.get(producer.get(root))
-                if made_in is not None:                        # made inside an expert: its routed share
-                    _add(saved, root, round(ctx.nbytes(root) * made_in[0]), index)
-                elif index in routed:                          # the unit's input: a gathered copy per expert
-                    share, unit, copies = routed[index]
-                    _add(saved, f"routed_input@{unit}", round(ctx.nbytes(root) * share * copies), index)
-                else:
-                    _add(saved, root, ctx.nbytes(root), index)
-    for key, n_bytes, release in _dropout_saved(analysis, ctx, plan):
-        _add(saved, key, n_bytes, release)
-    for key, n_bytes, release in _routed_combine_saved(analysis, ctx, routed):
-        _add(saved, key, n_bytes, release)
-    return saved
-
-
-def _routed_combine_saved(analysis: StepAnalysis, ctx: _Context, routed: dict):
-    """Routed execution adds each expert's weighted output back with index_add, whose backward
-    keeps that output (``derivatives.yaml``: the source gradient is shaped ``expand_as(source)``):
-    the routed share of the experts' down outputs."""
-    graph = analysis.model.graph
-    downs = {graph.nodes[i].name: i for i in routed}
-    found = []
-    for name, (share, unit, _copies) in {v[1]: v for v in routed.values()}.items():
-        index = downs[unit]
-        out = graph.nodes[index].outputs[0]
-        weighted = [o for n in graph.nodes if out in n.inputs and n.op == "Mul" for o in n.outputs]
-        if any(ctx.needs(t) for t in [out, *weighted]):     # the source needs a gradient
-            found.append((f"routed_combine@{unit}", round(ctx.nbytes(out) * share), index))
-    return found
-
-
-def _lora_saved(analysis: StepAnalysis, ctx: _Context, index: int, plan: Plan) -> list:
-    """PEFT: lora_B(lora_A(dropout(x))) * scale. A's matmul keeps x (or its dropped copy and
-    the mask), B's keeps x·A. An adapter on a fused 3-D expert tensor (``target_parameters``)
-    re-parametrizes the whole tensor as W + B·A in every forward: the merged full-size weight
-    is what the expert matmuls keep for their backward."""
-    adapter = analysis.adapter_at[index]
-    node = analysis.model.graph.nodes[index]
-    if adapter.n_experts:           # the product keeps the merged weight only to compute dX
-        merged = adapter.n_experts * adapter.d_in * adapter.d_out * ctx.precision.weight
-        return [Extra(f"lora_merged@{node.name}", merged)] if ctx.needs(node.inputs[0]) else []
-    x = node.inputs[0]
-    x_shape = ctx.shape(x)
-    share = analysis.expert_share.get(index, 1.0)
-    rows = round((numel(x_shape) // x_shape[-1] if x_shape else 0) * share)
-    act = ctx.precision.activation
-    items: list = [Extra(f"lora_xa@{node.name}", rows * adapter.rank * act)]
-    if plan.lora_dropout > 0:        # A keeps the dropped copy; the mask is kept only if x needs a gradient
-        items.append(Extra(f"lora_drop@{node.name}", rows * adapter.d_in * act))
-        if ctx.needs(x):
-            items.append(Extra(f"lora_mask@{node.name}", rows * adapter.d_in * ctx.mask_bytes))
-    else:
-        items.append(x)      # routed experts: collect_saved turns it into the gathered tokens' copy
-    return items
-
-
-def _dropout_saved(analysis: StepAnalysis, ctx: _Context, plan: Plan):
-    """Training-time dropout the inference graph no longer shows (GPT-2/BERT place it after the
-    embeddings, on attention probabilities, on the attention output and on the FFN output):
-    each keeps its mask where its input needs a gradient (CUDA's fused kernel: 1-byte bool; the
-    CPU path multiplies by a noise tensor of the input's dtype); on attention probabilities the
-    dropped copy is what P·V keeps, beside softmax's own output."""
-    if plan.dropout <= 0:
-        return []
-    graph, roles = analysis.model.graph, analysis.model.roles
-    found = []
-    for block in roles.attentions:
-        if block.softmax_node is not None:
-            probs = graph.nodes[block.softmax_node].outputs[0]
-            if ctx.needs(probs):
-                elements = ctx.nbytes(probs) // ctx.element_bytes(probs)
-                found.append((f"drop_mask@{probs}", elements * ctx.mask_bytes, block.softmax_node))
-                found.append((f"drop_probs@{probs}", elements * ctx.precision.activation, block.context_node))
-        for site in block.o_sites:
-            found += _mask_after(analysis, ctx, site)
-    for unit in roles.ffn_units:
-        found += _mask_after(analysis, ctx, unit.down_site)
-    token = next((u for u in roles.params if u.kind == "token"), None)
-    if token is not None:
-        index = next(i for i, n in enumerate(graph.nodes) if n.name == token.site)
-        found += _mask_after(analysis, ctx, index)
-    return found
-
-
-def _mask_after(analysis: StepAnalysis, ctx: _Context, index: int):
-    out = analysis.model.graph.nodes[index].outputs[0]
-    if not ctx.needs(out):
-        return []
-    shape = ctx.shape(out)
-    return [(f"drop_mask@{out}", numel(shape) * ctx.mask_bytes if shape else 0, index)]
 
 
 # --------------------------------------------------------------------------- persistent
@@ -377,7 +57,7 @@ def _grads_at(analysis: StepAnalysis, precision: Precision) -> dict[int, int]:
     return grads
 
 
-def _transient(ctx: _Context, node: Node, share: float = 1.0) -> int:
+def _transient(ctx: StorageContext, node: Node, share: float = 1.0) -> int:
     """Gradient tensors alive while one node runs backward: its output's and its inputs' (an
     expert's, at its routed share of tokens)."""
     if node.op in VIEW_OPS:
@@ -391,7 +71,7 @@ def _transient(ctx: _Context, node: Node, share: float = 1.0) -> int:
 
 def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryBytes:
     precision = Precision.of(setup.precision)
-    ctx = _Context(analysis, precision, setup.device, setup.attention)
+    ctx = StorageContext(analysis, precision, setup.device, setup.attention)
     graph, roles = analysis.model.graph, analysis.model.roles
     shapes = trainable_shapes(analysis)
     n_trainable = sum(numel(s) for s in shapes)
@@ -408,7 +88,7 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
     saved = collect_saved(analysis, ctx, plan, setup) if trains else {}
     if trains:   # cross-entropy keeps log_softmax(logits), fp32 under autocast
         log_softmax = logits_bytes // precision.activation * (4 if precision.mixed else precision.activation)
-        saved["loss:log_softmax"] = _Saved(log_softmax, len(graph.nodes))
+        saved["loss:log_softmax"] = SavedStorage(log_softmax, len(graph.nodes))
     layer_items, layer_keys = _checkpointed(analysis, saved) if setup.checkpointing else ({}, set())
     held_at_start = sum(item.n_bytes for key, item in saved.items() if key not in layer_keys)
     if setup.checkpointing:
@@ -481,13 +161,13 @@ def _checkpointed(analysis: StepAnalysis, saved: dict) -> tuple[dict[int, list],
     return by_layer, keys
 
 
-def _layer_inputs(analysis: StepAnalysis, ctx: _Context) -> int:
+def _layer_inputs(analysis: StepAnalysis, ctx: StorageContext) -> int:
     arch = analysis.model.roles.architecture
     tokens = analysis.bindings["batch"] * analysis.bindings["seq"]
     return arch.layers * tokens * (arch.hidden or 0) * ctx.precision.activation
 
 
-def _largest_activation(ctx: _Context) -> int:
+def _largest_activation(ctx: StorageContext) -> int:
     return max((ctx.nbytes(o) for n in ctx.graph.nodes for o in n.outputs if o), default=0)
 
 
@@ -497,7 +177,7 @@ def inference_activation_peak(analysis: StepAnalysis, precision_name: str = "fp3
     """Peak bytes of live activations in a forward pass without autograd: each storage lives
     from the node that makes it to the last node that reads it (an inference runtime's memory
     planner reuses the rest). Views share their base's storage."""
-    ctx = _Context(analysis, Precision.of(precision_name))
+    ctx = StorageContext(analysis, Precision.of(precision_name))
     graph = analysis.model.graph
     last_use: dict[str, int] = {}
     for index, node in enumerate(graph.nodes):

@@ -227,7 +227,7 @@ def _saved_bytes(fn, args, exclude) -> int:
 
 def _rule_bytes(node, ctx) -> int:
     from costlens.ops.saved import Extra, saved_by
-    found = {}                           # one storage per key, as memory.collect_saved counts them
+    found = {}                           # one storage per key, as storages.collect_saved counts them
     for item in saved_by(node, ctx):
         if isinstance(item, Extra):
             found[item.key] = item.n_bytes

@@ -30,7 +30,7 @@ from costlens.frontends.onnx import external_location, resolve_external_path
 from costlens.gradients import Adapter, StepAnalysis
 from costlens.errors import CostlensError
 from costlens.measure.torch_ops import OPS, run_op
-from costlens.memory import rsqrt_sqrt_outputs, silu_sigmoid_outputs
+from costlens.storages import rsqrt_sqrt_outputs, silu_sigmoid_outputs
 from costlens.plans import Plan
 from costlens.stacking import STACKED_PREFIX
 
