@@ -83,6 +83,7 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
     graph = analysis.model.graph
     share = analysis.expert_share
     adapter_at = analysis.adapter_at
+    tensor_adapters_at = analysis.tensor_adapters_at
     forward = backward_input = backward_weight = recompute = 0
     unpriced: list[str] = []
     for index, node in enumerate(graph.nodes):
@@ -92,8 +93,9 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
             continue
         adapter = adapter_at.get(index)
         lora = 0
-        if adapter is not None and adapter.n_experts:
-            adapted_forward, adapted_weight_grads = _expert_tensor_adapter(analysis, index, adapter, flops)
+        tensor_adapters = tensor_adapters_at.get(index, ())
+        if tensor_adapters:
+            adapted_forward, adapted_weight_grads = _expert_tensor_adapters(analysis, index, tensor_adapters, flops)
             forward += adapted_forward
             backward_weight += adapted_weight_grads
             backward_input += _input_grads(analysis, index, flops)
@@ -172,17 +174,31 @@ def _fused_moe_backward(analysis: StepAnalysis, index: int) -> tuple[int, int]:
     return backward_input, backward_weight
 
 
-def _expert_tensor_adapter(analysis: StepAnalysis, index: int, adapter, flops: int) -> tuple[int, int]:
-    """(forward, backward weight) FLOPs of a matmul whose 3-D expert weight carries LoRA as PEFT's
-    ``target_parameters`` runs it: the weight is re-parametrized as W + B·A (one baddbmm over
+def _expert_tensor_adapters(analysis: StepAnalysis, index: int, adapters, flops: int) -> tuple[int, int]:
+    """(forward, backward weight) FLOPs of a node whose 3-D expert weights carry LoRA as PEFT's
+    ``target_parameters`` runs it: each weight is re-parametrized as W + B·A (one baddbmm over
     the experts), evaluated once when PEFT registers the parametrization (torch checks its
-    output) and once for use; backward yields dA, dB (two baddbmm-sized products) and the
-    merged weight's gradient (one matmul-sized product)."""
-    merge = costs.merged_expert_delta_flops(adapter.n_experts, adapter.rank, adapter.d_in, adapter.d_out)
-    forward = flops + 2 * merge
+    output) and once for use; backward yields dA, dB (two baddbmm-sized products) and each
+    merged weight's gradient (its share of the node's products)."""
+    merges = [costs.merged_expert_delta_flops(a.n_experts, a.rank, a.d_in, a.d_out) for a in adapters]
+    forward = flops + 2 * sum(merges)
     if not analysis.runs_backward[index]:
         return forward, 0
-    return forward, 2 * merge + flops
+    return forward, 2 * sum(merges) + sum(_weight_share(analysis, index, a, flops) for a in adapters)
+
+
+def _weight_share(analysis: StepAnalysis, index: int, adapter, flops: int) -> int:
+    """The node's FLOPs that multiply by this adapter's weight (all of them for a matmul; for a
+    fused MoE op, the weight's part of its expert products)."""
+    graph = analysis.model.graph
+    node = graph.nodes[index]
+    weights = [graph.constants[w] for w in node.inputs[2:] if w in graph.constants
+               and len(graph.constants[w].shape) == 3] if _family(node) is Family.FUSED_MOE else []
+    if not weights:
+        return flops
+    mine = next((u.constant for u in analysis.model.roles.params if u.key == adapter.key), None)
+    total = sum(w.n_elements for w in weights)
+    return round(flops * graph.constants[mine].n_elements / total) if mine in graph.constants else flops
 
 
 def _input_grads(analysis: StepAnalysis, index: int, flops: int) -> int:

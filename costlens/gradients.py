@@ -50,7 +50,17 @@ class StepAnalysis:
 
     @property
     def adapter_at(self) -> dict[int, Adapter]:
-        return {a.site: a for a in self.adapters}
+        """The LoRA adapter on a linear site (one weight per node)."""
+        return {a.site: a for a in self.adapters if not a.n_experts}
+
+    @property
+    def tensor_adapters_at(self) -> dict[int, tuple[Adapter, ...]]:
+        """Adapters on 3-D expert tensors, by node: a fused MoE op can hold several (fc1, fc2)."""
+        found: dict[int, tuple[Adapter, ...]] = {}
+        for adapter in self.adapters:
+            if adapter.n_experts:
+                found[adapter.site] = found.get(adapter.site, ()) + (adapter,)
+        return found
 
     def needs(self, tensor: str) -> bool:
         return bool(tensor) and self.needs_grad.get(tensor, False) and tensor not in self.cuts

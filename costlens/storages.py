@@ -80,8 +80,7 @@ class StorageContext:
     def trains(self, node: Node) -> bool:
         """Its weight needs a gradient: the weight trains, or LoRA re-parametrizes it (3-D experts)."""
         index = self._index[node.name]
-        adapter = self.analysis.adapter_at.get(index)
-        return index in self.analysis.trainable_sites or bool(adapter and adapter.n_experts)
+        return index in self.analysis.trainable_sites or index in self.analysis.tensor_adapters_at
 
     def is_fused_inner(self, tensor: str) -> bool:
         return tensor in self.fused_inner
@@ -241,6 +240,8 @@ def collect_saved(analysis: StepAnalysis, ctx: StorageContext, plan: Plan, setup
         items = fused[index] if index in fused else saved_by(node, ctx)
         if index in adapter_at:
             items = items + _lora_saved(analysis, ctx, index, plan)
+        for adapter in analysis.tensor_adapters_at.get(index, ()):
+            items = items + _merged_weight_saved(ctx, node, adapter)
         for item in items:
             if isinstance(item, Extra):
                 _add(saved, item.key, item.n_bytes, index)
@@ -277,6 +278,13 @@ def _routed_combine_saved(analysis: StepAnalysis, ctx: StorageContext, routed: d
     return found
 
 
+def _merged_weight_saved(ctx: StorageContext, node: Node, adapter) -> list:
+    """LoRA on a 3-D expert tensor (PEFT ``target_parameters``) re-parametrizes the whole tensor
+    as W + B·A in every forward; the product keeps the merged weight only to compute dX."""
+    merged = adapter.n_experts * adapter.d_in * adapter.d_out * ctx.precision.weight
+    return [Extra(f"lora_merged@{adapter.key}", merged)] if ctx.needs(node.inputs[0]) else []
+
+
 def _lora_saved(analysis: StepAnalysis, ctx: StorageContext, index: int, plan: Plan) -> list:
     """PEFT: lora_B(lora_A(dropout(x))) * scale. A's matmul keeps x (or its dropped copy and
     the mask), B's keeps x·A. An adapter on a fused 3-D expert tensor (``target_parameters``)
@@ -284,9 +292,6 @@ def _lora_saved(analysis: StepAnalysis, ctx: StorageContext, index: int, plan: P
     is what the expert matmuls keep for their backward."""
     adapter = analysis.adapter_at[index]
     node = analysis.model.graph.nodes[index]
-    if adapter.n_experts:           # the product keeps the merged weight only to compute dX
-        merged = adapter.n_experts * adapter.d_in * adapter.d_out * ctx.precision.weight
-        return [Extra(f"lora_merged@{node.name}", merged)] if ctx.needs(node.inputs[0]) else []
     x = node.inputs[0]
     x_shape = ctx.shape(x)
     share = analysis.expert_share.get(index, 1.0)

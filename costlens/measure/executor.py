@@ -82,6 +82,8 @@ class GraphExecutor(nn.Module):
                 twin = next(u for u in self.roles.params if u.constant == use.tied_to and u.n_params)
                 self._param_of[(index_of[use.site], use.constant)] = SAFE.sub("_", twin.key)
         self._buffers_np = {name: values[name] for name in self.graph.constants if name in values}
+        if any(len(group) > 1 for group in analysis.tensor_adapters_at.values()):
+            raise CostlensError("cannot run LoRA on several expert tensors of one fused MoE op yet")
         self.adapters = nn.ModuleDict({str(a.site): _LoRA(a, plan, generator) for a in analysis.adapters})
         self._silu = silu_sigmoid_outputs(self.graph)
         self._rsqrt = rsqrt_sqrt_outputs(self.graph)
