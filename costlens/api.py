@@ -55,9 +55,11 @@ def load_graph(source, *, tracer: str = "export") -> Graph:
     if path.is_dir() and not (path / "config.json").is_file():
         raise CostlensError(f"{source}: is a directory with no config.json (give {SOURCE_KINDS})")
     if path.is_dir() or path.suffix.lower() == ".json":
+        _needs_torch(text)
         from costlens.frontends.hf_config import read_config
         return _traced(read_config(path), text, tracer)
     if IMPORT_SPEC.match(text):
+        _needs_torch(text)
         from costlens.frontends.torch_export import module_from_spec
         module, example_inputs = module_from_spec(text)
         return _traced(module, text, tracer, example_inputs)
@@ -71,6 +73,13 @@ def _load_object(source, tracer: str) -> Graph:
     if torch is not None and isinstance(source, torch.nn.Module):
         return _traced(source, type(source).__name__, tracer)
     raise CostlensError(f"cannot load a {type(source).__name__} (expected {SOURCE_KINDS}, or an nn.Module)")
+
+
+def _needs_torch(source: str) -> None:
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        raise CostlensError(f"{source}: a PyTorch source needs the torch extra (pip install 'costlens[torch]'); "
+                            "an .onnx file does not")
 
 
 def _traced(model, name: str, tracer: str, example_inputs=None) -> Graph:

@@ -131,10 +131,10 @@ def _plan(options: dict):
 
 def _attach_validation(document: dict, model, plans: list, setup, device: str) -> None:
     """plans[].validation = {quantity: {estimated, measured, error}} from a measured step each."""
-    try:
-        from costlens.measure.validate import validate_onnx
-    except ImportError as e:
-        raise CostlensError(f"--validate needs the torch extra (pip install 'costlens[torch]'): {e}") from e
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        raise CostlensError("--validate runs real training steps: it needs the torch extra (pip install 'costlens[torch]')")
+    from costlens.measure.validate import validate_onnx
     for entry, (spec, chosen) in zip(document["plans"], plans):
         click.echo(f"costlens: validating plan {entry['name']}...", err=True)
         result = validate_onnx(model.graph.source, chosen, setup, device=device)
@@ -172,10 +172,10 @@ def validate(model, device, tolerance, inference, as_json, **options) -> None:
     """Measure a real training step of the plan and compare it with the estimate (exit 1 when
     a figure is outside tolerance). MODEL is an .onnx file (its graph runs as a torch module) or
     an import spec package.module:factory (the module itself runs). Needs the torch extra."""
-    try:
-        from costlens.measure.validate import validate_onnx, validate_torch
-    except ImportError as e:
-        raise CostlensError(f"validate needs the torch extra (pip install 'costlens[torch]'): {e}") from e
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        raise CostlensError("validate runs a real training step: it needs the torch extra (pip install 'costlens[torch]')")
+    from costlens.measure.validate import validate_onnx, validate_torch
     from costlens.render.validate import validation_document, validation_text
 
     spec, chosen = _plan(options)
