@@ -24,9 +24,6 @@ from costlens.measure.validate import validate_onnx  # noqa: E402
 from costlens.plans import Setup, parse_plan_spec  # noqa: E402
 
 FIXTURES = ["gpt2", "llama", "moe", "moe_fused", "stacked_ffn", "bert", "genai_dense", "genai_moe"]
-# Default plans the executor cannot run yet: LoRA on com.microsoft.MoE's two 3-D expert weights
-# (fc1 and fc2 share one site; the executor and the adapter index hold one adapter per site)
-UNSUPPORTED = {("genai_moe", "lora-attn-router-experts")}
 SIZES = [(2, 32), (4, 64), (8, 128)]
 # the genai fixtures' rotary caches hold 64 positions (onnxruntime cannot run them longer)
 SIZES_FOR = {"genai_dense": [(2, 32), (4, 64), (8, 64)], "genai_moe": [(2, 32), (4, 64), (8, 64)]}
@@ -48,8 +45,7 @@ QUANTITIES = ("peak bytes", "activation bytes", "step FLOPs", "trainable params"
 def cases():
     for fixture in FIXTURES:
         for spec in costlens.default_plans(costlens.load(ROOT / "fixtures" / f"{fixture}.onnx")):
-            if (fixture, spec.split(":")[0]) not in UNSUPPORTED:
-                yield fixture, spec, {}
+            yield fixture, spec, {}
     yield from EXTRA
 
 
@@ -101,8 +97,7 @@ def markdown(rows, device: str, seconds: float) -> str:
         "price the traced torch module with routed dispatch and measure its twin that runs each expert on its own "
         "tokens. The genai fixtures (onnxruntime-genai's "
         "contrib ops) run GroupQueryAttention eagerly and com.microsoft.MoE routed, each expert on its own tokens "
-        "(`costlens.measure.torch_ops`); they are measured up to seq 64 (their rotary caches hold 64 positions), "
-        "and LoRA on MoE's fused expert weights is not run yet.",
+        "(`costlens.measure.torch_ops`); they are measured up to seq 64 (their rotary caches hold 64 positions).",
         "",
         "Targets: peak memory within 5%, FLOPs within 1%, trainable parameters exact.",
         "",

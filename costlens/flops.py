@@ -98,7 +98,10 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
             adapted_forward, adapted_weight_grads = _expert_tensor_adapters(analysis, index, tensor_adapters, flops)
             forward += adapted_forward
             backward_weight += adapted_weight_grads
-            backward_input += _input_grads(analysis, index, flops)
+            if _family(node) is Family.FUSED_MOE and analysis.runs_backward[index]:
+                backward_input += _fused_moe_backward(analysis, index, weights_need_grad=True)[0]
+            else:
+                backward_input += _input_grads(analysis, index, flops)
             continue
         if adapter is not None:
             tokens = adapter_tokens(analysis, index, share)
@@ -150,7 +153,7 @@ def _fused_attention_backward(analysis: StepAnalysis, node, flops: int) -> int:
     return product * (int(nq) + int(nk) + int(nq or nk) + int(nv))
 
 
-def _fused_moe_backward(analysis: StepAnalysis, index: int) -> tuple[int, int]:
+def _fused_moe_backward(analysis: StepAnalysis, index: int, weights_need_grad: bool | None = None) -> tuple[int, int]:
     """(backward input, backward weight) FLOPs of com.microsoft.MoE run as routed experts:
     per (token, expert) pair, dX through fc1 (and fc3) when the input needs a gradient, the
     activation's gradient through fc2 whenever the experts' output needs one (the input does,
@@ -167,7 +170,7 @@ def _fused_moe_backward(analysis: StepAnalysis, index: int) -> tuple[int, int]:
     pairs = numel(x_shape) // x_shape[-1] * int(top_k)
     per_pair = {slot: 2 * w.n_elements // w.shape[0] for slot, w in weights.items()}
     needs_x = analysis.needs(node.inputs[0])
-    trains = index in analysis.trainable_sites
+    trains = index in analysis.trainable_sites if weights_need_grad is None else weights_need_grad
     backward_input = pairs * (per_pair.get(2, 0) + per_pair.get(6, 0)) if needs_x else 0
     backward_input += pairs * per_pair.get(4, 0) if needs_x or trains else 0
     backward_weight = pairs * sum(per_pair.values()) if trains else 0

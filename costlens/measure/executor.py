@@ -82,9 +82,18 @@ class GraphExecutor(nn.Module):
                 twin = next(u for u in self.roles.params if u.constant == use.tied_to and u.n_params)
                 self._param_of[(index_of[use.site], use.constant)] = SAFE.sub("_", twin.key)
         self._buffers_np = {name: values[name] for name in self.graph.constants if name in values}
-        if any(len(group) > 1 for group in analysis.tensor_adapters_at.values()):
-            raise CostlensError("cannot run LoRA on several expert tensors of one fused MoE op yet")
-        self.adapters = nn.ModuleDict({str(a.site): _LoRA(a, plan, generator) for a in analysis.adapters})
+        self.adapters = nn.ModuleDict({str(a.site): _LoRA(a, plan, generator) for a in analysis.adapters
+                                       if not a.n_experts})
+        # LoRA'd 3-D expert tensors, by node and by the input slot that carries each tensor
+        constant_of = {u.key: u.constant for u in self.roles.params}
+        self.tensor_adapters = nn.ModuleDict({
+            SAFE.sub("_", a.key): _LoRA(a, plan, generator, self.graph.constants[constant_of[a.key]].shape)
+            for a in analysis.adapters if a.n_experts})
+        self._tensor_slots: dict[int, list[tuple[int, str]]] = {}
+        for a in analysis.adapters:
+            if a.n_experts:
+                slot = _slot_of(self.graph, a.site, constant_of[a.key])
+                self._tensor_slots.setdefault(a.site, []).append((slot, SAFE.sub("_", a.key)))
         self._silu = silu_sigmoid_outputs(self.graph)
         self._rsqrt = rsqrt_sqrt_outputs(self.graph)
         self._dropped = _dropout_points(model, plan)
@@ -160,11 +169,11 @@ class GraphExecutor(nn.Module):
             sqrt = self.graph.nodes[self._producer[node.inputs[0]]]
             return [torch.rsqrt(env[sqrt.inputs[0]])]
         args = [None if not x else env[x] if x in env else self._derived(x, index, env) for x in node.inputs]
-        adapter = self.adapters[str(index)] if str(index) in self.adapters else None
-        if adapter is not None and adapter.n_experts:
-            args[1] = adapter.merged(args[1])
+        for slot, key in self._tensor_slots.get(index, ()):
+            args[slot] = self.tensor_adapters[key].merged(args[slot])
         outputs = run_op(node, args)
-        if adapter is not None and not adapter.n_experts:
+        adapter = self.adapters[str(index)] if str(index) in self.adapters else None
+        if adapter is not None:
             outputs[0] = outputs[0] + adapter(args[0])
         return outputs
 
@@ -173,8 +182,11 @@ class _LoRA(nn.Module):
     """PEFT's LoRA: lora_B(lora_A(dropout(x))) * alpha / r, B initialized to zeros; on a 3-D
     expert tensor, W re-parametrized as W + A·B per expert (PEFT ``target_parameters``)."""
 
-    def __init__(self, adapter: Adapter, plan: Plan, generator: torch.Generator):
+    def __init__(self, adapter: Adapter, plan: Plan, generator: torch.Generator, tensor_shape=None):
         super().__init__()
+        if tensor_shape is not None:       # W + A·B must take W's own layout [E, m, n]
+            adapter = Adapter(adapter.key, adapter.role, adapter.site, adapter.rank, tensor_shape[1],
+                              tensor_shape[2], adapter.n_experts)
         self.n_experts, self.rank = adapter.n_experts, adapter.rank
         self.scale = plan.alpha / adapter.rank
         self.dropout = plan.lora_dropout
@@ -194,6 +206,21 @@ class _LoRA(nn.Module):
         # PEFT registers a parametrization, which torch evaluates once to check it, then once for use
         torch.baddbmm(weight, self.A, self.B, alpha=self.scale)
         return torch.baddbmm(weight, self.A, self.B, alpha=self.scale)
+
+
+def _slot_of(graph, site: int, constant: str) -> int:
+    """Which input of the site carries this constant (directly or through weight-only ops)."""
+    node = graph.nodes[site]
+    producers = {o: n for n in graph.nodes for o in n.outputs if o}
+    for slot, name in enumerate(node.inputs):
+        frontier = [name]
+        while frontier:
+            tensor = frontier.pop()
+            if tensor == constant:
+                return slot
+            if tensor in producers:
+                frontier.extend(x for x in producers[tensor].inputs if x)
+    raise KeyError(f"{constant!r} does not reach node {node.name!r}")
 
 
 def _value(values: dict, const, generator: torch.Generator) -> torch.Tensor:
