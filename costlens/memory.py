@@ -18,8 +18,7 @@ from costlens.ops.saved import backward_transient
 from costlens.optimizers import state_bytes, step_temporaries
 from costlens.plans import Plan, Setup
 from costlens.shapes import numel
-from costlens.storages import (VIEW_OPS, Precision, StorageContext, SavedStorage, collect_saved,
-                               routed_expert_nodes)
+from costlens.storages import VIEW_OPS, Precision, SavedStorage, StorageContext, collect_saved
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ def _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, base, held
         if key not in layer_keys:
             released[item.release] = released.get(item.release, 0) + item.n_bytes
     live = held_at_start
-    routed = routed_expert_nodes(analysis)
+    routed = ctx.routed
     grad_logits = ctx.nbytes(graph.outputs[0])
     peak = base + live + 2 * grad_logits          # nll_loss and log_softmax gradients together
     live -= saved["loss:log_softmax"].n_bytes

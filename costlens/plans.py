@@ -256,7 +256,7 @@ def _kind_matches(kind: str, kinds: frozenset[str]) -> bool:
     # fused projections answer to each part: "qkv" is selected by q, k and v
     if kind in kinds:
         return True
-    return kind in ("qkv", "kv", "qk") and any(k in kind for k in kinds) or (kind == "bias" and False)
+    return kind in ("qkv", "kv", "qk") and any(k in kind for k in kinds)
 
 
 def with_name(plan: Plan, name: str) -> Plan:

@@ -8,6 +8,7 @@ masks, a fused attention kernel's statistics, routed MoE's per-expert copies.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from costlens.gradients import StepAnalysis
 from costlens.ir import Node
@@ -59,6 +60,11 @@ class StorageContext:
         self._index = {n.name: i for i, n in enumerate(self.graph.nodes)}
         self._producer = {o: n for n in self.graph.nodes for o in n.outputs if o}
         self._receives: set[str] | None = None
+
+    @cached_property
+    def routed(self) -> dict[int, tuple[float, str, int]]:
+        """``routed_expert_nodes`` of this analysis, computed once for the whole estimate."""
+        return routed_expert_nodes(self.analysis)
 
     def needs(self, tensor: str) -> bool:
         return self.analysis.needs(tensor)
@@ -232,7 +238,7 @@ def collect_saved(analysis: StepAnalysis, ctx: StorageContext, plan: Plan, setup
     graph = analysis.model.graph
     fused = _fused_attention_nodes(analysis) if setup.attention == "fused" else {}
     adapter_at = analysis.adapter_at
-    routed = routed_expert_nodes(analysis)
+    routed = ctx.routed
     producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
     for index, node in enumerate(graph.nodes):
         if not analysis.runs_backward[index]:

@@ -44,3 +44,16 @@ def per_layer(roles) -> dict:
 
 def nonzero(mapping: dict) -> dict:
     return {k: v for k, v in mapping.items() if v}
+
+
+def external_initializer(name: str, dims, location: str = "w.bin"):
+    """A float initializer whose bytes are declared to live in ``location`` (never written)."""
+    from onnx import TensorProto
+    tensor = TensorProto()
+    tensor.name = name
+    tensor.data_type = TensorProto.FLOAT
+    tensor.dims.extend(dims)
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    return tensor

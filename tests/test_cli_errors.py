@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
+from conftest import external_initializer
 from costlens.cli import main
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -58,18 +59,6 @@ def _model(nodes, inputs, outputs, initializers=(), name="g") -> onnx.ModelProto
 
 def _float_input(name: str, shape) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-
-def _external_initializer(name: str, dims, location: str = "w.bin") -> TensorProto:
-    """A float initializer whose bytes are declared to live in ``location`` (never written)."""
-    tensor = TensorProto()
-    tensor.name = name
-    tensor.data_type = TensorProto.FLOAT
-    tensor.dims.extend(dims)
-    tensor.data_location = TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", location
-    return tensor
 
 
 # --------------------------------------------------------------------------- happy path
@@ -141,7 +130,7 @@ def test_cyclic_graph(tmp_path):
 @pytest.mark.parametrize("dims", [[2**50, 4], [2**30, 2**30]], ids=["huge-dim", "huge-product"])
 def test_absurd_initializer_dims(tmp_path, dims):
     # declared external so no bytes are needed; w.bin is never written (and must never be read)
-    weight = _external_initializer("w", dims)
+    weight = external_initializer("w", dims)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
     model = _model(nodes, [_float_input("x", [2, dims[0]])], [_float_input("y", [2, dims[1]])], [weight])
     path = _save(model, tmp_path / "absurd.onnx")

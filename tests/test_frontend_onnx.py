@@ -15,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 from onnx.external_data_helper import set_external_data, uses_external_data
 
+from conftest import external_initializer
 from costlens.errors import ModelFormatError, UnsafePathError
 from costlens.frontends.onnx import load_onnx, read_model, resolve_external_path
 from costlens.ir import Graph
@@ -38,17 +39,6 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
 def _model(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
     graph = helper.make_graph(list(nodes), "g", list(inputs), list(outputs), initializer=list(initializers))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-
-
-def _external_initializer(name: str, dims, location: str) -> TensorProto:
-    tensor = TensorProto()
-    tensor.name = name
-    tensor.data_type = TensorProto.FLOAT
-    tensor.dims.extend(dims)
-    tensor.data_location = TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", location
-    return tensor
 
 
 def _assert_topological(graph: Graph) -> None:
@@ -112,7 +102,7 @@ def test_read_model_leaves_external_bytes_alone(tmp_path):
 def test_escaping_external_location_only_warns(tmp_path, location):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    weight = _external_initializer("w", [4, 4], location)
+    weight = external_initializer("w", [4, 4], location)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
     model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [weight])

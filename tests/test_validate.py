@@ -25,19 +25,25 @@ def run(*args):
 CONTRIB_FIXTURES = ["genai_dense", "genai_moe"]      # onnxruntime-genai dialect (fixtures/build_contrib.py)
 
 
-@pytest.mark.parametrize("name", TORCH_FIXTURES + CONTRIB_FIXTURES)
-def test_executor_reproduces_onnxruntime(name):
-    """The graph run as a torch module computes what onnxruntime computes from the same file."""
+def _ours_and_onnxruntime(path, seq: int, seed: int):
+    """(model, executor module, its logits, onnxruntime's logits) on the same random ids [2, seq]."""
     import onnxruntime as ort
-    path = FIXTURES / f"{name}.onnx"
     model = costlens.load(path)
     plan = parse_plan_spec("full")
-    module = GraphExecutor(model, initializer_values(path), analyze(model, plan, {"batch": 2, "seq": 16}), plan)
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    module = GraphExecutor(model, initializer_values(path), analyze(model, plan, {"batch": 2, "seq": seq}), plan)
+    ids = torch.randint(0, 512, (2, seq), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ours = module(ids).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     reference = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    return model, module, ours, reference
+
+
+@pytest.mark.parametrize("name", TORCH_FIXTURES + CONTRIB_FIXTURES)
+def test_executor_reproduces_onnxruntime(name):
+    """The graph run as a torch module computes what onnxruntime computes from the same file."""
+    path = FIXTURES / f"{name}.onnx"
+    model, module, ours, reference = _ours_and_onnxruntime(path, 16, seed=1)
     assert np.abs(ours - reference).max() < 1e-3
     # one parameter per structural use, as in the torch module (the tie counted once)
     assert sum(p.numel() for p in module.parameters()) == model.roles.params_total
@@ -113,16 +119,8 @@ def test_contrib_ops_match_onnxruntime_far_from_uniform(tmp_path, name, attrs):
     """GroupQueryAttention (RoPE, causal, local window, softcap), MoE (routing, SwiGLU variants) and
     the simplified norms as the executor runs them, against onnxruntime, with weights large
     enough that a wrong rotation, mask or gate/up order shows."""
-    import onnxruntime as ort
     path = _contrib_variant(tmp_path, name, 8.0, attrs)
-    model = costlens.load(path)
-    plan = parse_plan_spec("full")
-    module = GraphExecutor(model, initializer_values(path), analyze(model, plan, {"batch": 2, "seq": 24}), plan)
-    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ours = module(ids).numpy()
-    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-        None, {"input_ids": ids.numpy()})[0]
+    _, _, ours, reference = _ours_and_onnxruntime(path, 24, seed=2)
     assert np.abs(reference).max() > 1.0
     assert np.abs(ours - reference).max() < 1e-3
 

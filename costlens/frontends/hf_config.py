@@ -44,10 +44,6 @@ def transformers_offline():
     return transformers
 
 
-def is_config_source(path: Path) -> bool:
-    return path.is_dir() or path.suffix.lower() == ".json"
-
-
 def read_config(source: str | os.PathLike):
     """The transformers config of a ``config.json`` file or a folder holding one."""
     path = Path(source)

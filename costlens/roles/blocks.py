@@ -74,13 +74,6 @@ class BlockFinder:
             return shape[-1]
         return None
 
-    def in_features(self, site: int) -> int | None:
-        for name in self.view.data_inputs(site):
-            shape = self.view.graph.shape(name)
-            if shape and isinstance(shape[-1], int):
-                return shape[-1]
-        return None
-
     def walk_back_to_linears(self, tensor: str, allowed: frozenset, depth: int = 40) -> tuple[int, ...]:
         """Linear sites reached walking back from ``tensor`` through ``allowed`` ops (data only)."""
         found, frontier, seen = set(), [(tensor, 0)], set()

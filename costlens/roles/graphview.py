@@ -130,18 +130,11 @@ class GraphView:
         shape = self.graph.shape(tensor)
         return None if shape is None else len(shape)
 
-    # ------------------------------------------------------------------ walks
-    def descendants(self, start: str, stop=lambda index: False, limit: int = 10_000) -> set[int]:
-        """Node indices reachable forward from tensor ``start`` (not crossing ``stop`` nodes)."""
-        seen: set[int] = set()
-        frontier = [start]
-        while frontier and len(seen) < limit:
-            tensor = frontier.pop()
-            for index in self.consumer_nodes(tensor):
-                if index in seen:
-                    continue
-                seen.add(index)
-                if stop(index):
-                    continue
-                frontier.extend(o for o in self.nodes[index].outputs if o)
-        return seen
+    @cached_property
+    def constants_at(self) -> dict[int, list[str]]:
+        """Per node: the float constants that meet data there."""
+        found: dict[int, list[str]] = {}
+        for name, sites in self.use_sites.items():
+            for site in sites:
+                found.setdefault(site.node, []).append(name)
+        return found

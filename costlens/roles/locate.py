@@ -148,12 +148,8 @@ def _consumers_through(view: GraphView, tensor: str, through: set[str], depth: i
 
 
 def _weight_rank(view: GraphView, site: int) -> int | None:
-    ranks = [len(view.graph.constants[c].shape) for c in _constants_at(view, site)]
+    ranks = [len(view.graph.constants[c].shape) for c in view.constants_at.get(site, ())]
     return max(ranks) if ranks else None
-
-
-def _constants_at(view: GraphView, node: int) -> list[str]:
-    return [c for c, sites in view.use_sites.items() if any(s.node == node for s in sites)]
 
 
 def _mark_unit(site_role, unit: FFNUnit) -> None:
