@@ -41,8 +41,10 @@ ACTIVATION_OPS = {
 FFN_INNER_OPS = frozenset({
     "Mul", "Add", "Sub", "Div", "Pow", "Tanh", "Erf", "Sigmoid", "Gelu", "Relu", "Split", "Slice", "Cast", "Reshape",
     "Identity", "Dropout", "Softplus", "Neg", "com.microsoft.FastGelu", "com.microsoft.BiasGelu",
-    "com.microsoft.QuickGelu", "Mish", "Elu", "LeakyRelu", "HardSwish", "Clip",
+    "com.microsoft.QuickGelu", "Mish", "Elu", "LeakyRelu", "HardSwish", "Clip", "Unsqueeze", "Squeeze",
 })
+# Elementwise ops an activation is written out with (several data inputs, one source linear).
+WRITTEN_OUT_OPS = frozenset({"Add", "Mul", "Pow", "Tanh", "Erf", "Sigmoid", "Div", "Sub", "Neg", "Cast"})
 TRACE_BACK_OPS = frozenset({"Add", "Split", "Slice", "Reshape", "Cast", "Transpose", "Squeeze", "Unsqueeze",
                             "Identity", "Dropout", "Mul", "Div", "Gather"})
 
@@ -229,18 +231,35 @@ class BlockFinder:
 
     # ------------------------------------------------------------------ FFN
     def trace_to_linear(self, tensor: str, depth: int = 6) -> int | None:
-        for _ in range(depth):
-            index = self.view.producer.get(tensor)
-            if index is None:
+        """The one linear this tensor is computed from through views and elementwise ops. An
+        activation written out (GPT-2's tanh-GELU: 0.5·x·(1 + tanh(c·(x + 0.044715·x³)))) mixes
+        several branches of the same linear's output; branches of two different linears (a
+        gated product) have no single source."""
+        found = self._linears_behind(tensor, depth, set())
+        return next(iter(found)) if found is not None and len(found) == 1 else None
+
+    def _linears_behind(self, tensor: str, depth: int, seen: set[str]) -> set[int] | None:
+        index = self.view.producer.get(tensor)
+        if index is None or depth < 0:
+            return None
+        if index in self.linear_sites:
+            return {index}
+        if tensor in seen:
+            return set()
+        seen.add(tensor)
+        node = self.view.nodes[index]
+        data = self.view.data_inputs(index)
+        if not data or (node.op not in TRACE_BACK_OPS and not (node.op in WRITTEN_OUT_OPS and len(data) == 1)):
+            return None
+        if len(data) > 1 and node.op not in WRITTEN_OUT_OPS:
+            return None
+        found: set[int] = set()
+        for x in data:
+            behind = self._linears_behind(x, depth - 1, seen)
+            if behind is None:
                 return None
-            if index in self.linear_sites:
-                return index
-            node = self.view.nodes[index]
-            data = self.view.data_inputs(index)
-            if node.op not in TRACE_BACK_OPS or len(data) != 1:
-                return None
-            tensor = data[0]
-        return None
+            found |= behind
+        return found
 
     def split_branch(self, tensor: str, depth: int = 6) -> str | None:
         """The Split/Slice output this tensor comes from on its way back to a linear, if any."""

@@ -40,6 +40,7 @@ class UseSite:
     path_ops: tuple[str, ...]   # ops between the constant and the site
     positional: bool       # the path mixed in shape-derived values (positions): a table, not a weight
     rank: int | None       # rank of the constant-derived tensor entering the site
+    gathered: bool = False  # rows of an expert tensor picked by routed ids on the way (batched experts)
 
 
 class GraphView:
@@ -116,6 +117,13 @@ class GraphView:
                     continue
                 seen.add((index, tensor))
                 if any(self.is_data(x) for x in node.inputs if x):
+                    matmul = self._routed_gather_use(index, slot, rank)
+                    if matmul is not None:
+                        # batched experts: W[ids] @ x. The product is where the weight works;
+                        # the gather only picks each (token, expert) pair's matrix.
+                        m_index, m_slot = matmul
+                        found.append(UseSite(constant, m_index, m_slot, path + (node.op,), positional, rank, True))
+                        continue
                     found.append(UseSite(constant, index, slot, path, positional, cur_rank))
                     continue
                 # still constant-derived: follow it, noting shape-derived (position) inputs
@@ -125,6 +133,42 @@ class GraphView:
                     if out:
                         stack.append((out, path + (node.op,), positional or mixes_positions, self._rank(out)))
         return sorted(found, key=lambda s: s.node)
+
+    def _routed_gather_use(self, index: int, slot: int, rank: int) -> tuple[int, int] | None:
+        """(MatMul node, slot) where the rows a Gather / GatherND picked out of a 3-D expert tensor
+        by routed expert ids are multiplied with data, or None."""
+        node = self.nodes[index]
+        if node.op not in ("Gather", "GatherND") or slot != 0 or rank != 3 or len(node.inputs) < 2:
+            return None
+        if not self.from_topk(node.inputs[1]):
+            return None
+        tensor = node.outputs[0]
+        for _ in range(4):
+            consumers = self.consumer_nodes(tensor)
+            if len(consumers) != 1:
+                return None
+            nxt = self.nodes[consumers[0]]
+            if nxt.op in ("MatMul", "Einsum", "com.microsoft.FusedMatMul"):
+                return consumers[0], nxt.inputs.index(tensor)
+            if nxt.op not in ("Transpose", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Identity"):
+                return None
+            tensor = nxt.outputs[0]
+        return None
+
+    def from_topk(self, tensor: str, depth: int = 8) -> bool:
+        """Do these indices come from a TopK (routed expert ids) rather than from token ids?"""
+        for _ in range(depth):
+            index = self.producer.get(tensor)
+            if index is None:
+                return False
+            node = self.nodes[index]
+            if node.op == "TopK":
+                return True
+            data = self.data_inputs(index)
+            if not data:
+                return False
+            tensor = data[0]
+        return False
 
     def _rank(self, tensor: str) -> int | None:
         shape = self.graph.shape(tensor)

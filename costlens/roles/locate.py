@@ -106,9 +106,25 @@ def _find_ffn_units(finder: BlockFinder, view: GraphView, site_role):
         activation = ACTIVATION_OPS[node.op]
         if node.op == "Gelu" and node.attr("approximate", "none") == "tanh":
             activation = "gelu_tanh"
+        elif node.op == "Tanh" and _cubed_behind(view, node.inputs[0]):
+            activation = "gelu_tanh"      # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) written out
         units.append((first, ups, fused, down, activation))
         claimed.update((first, down, *ups))
     return units
+
+
+def _cubed_behind(view: GraphView, tensor: str, depth: int = 4) -> bool:
+    """Is a Pow (the x³ of a written-out tanh GELU) among the few ops before this tensor?"""
+    frontier = [(tensor, 0)]
+    while frontier:
+        name, level = frontier.pop()
+        node = view.producer_node(name)
+        if node is None or level > depth:
+            continue
+        if node.op == "Pow":
+            return True
+        frontier.extend((x, level + 1) for x in view.data_inputs(view.producer[name]))
+    return False
 
 
 def _classify_unit(finder, view, unit, routing, routed_layers, layer_of) -> FFNUnit:
@@ -187,12 +203,23 @@ def _layer_entries(view, cores, projections, head_sites, norm_sites):
         entries.append(entry)
     tail = None
     if head_sites:
-        head_input = view.data_inputs(head_sites[0])[0]
+        head_input = _before_views(view, view.data_inputs(head_sites[0])[0])
         post_norm = is_post_norm(view, entries, norm_sites)
         tail = head_input
         if not post_norm and is_norm_output(view, head_input, norm_sites):
             tail = stream_before_norm(view, head_input)
     return entries, tail
+
+
+def _before_views(view: GraphView, tensor: str, depth: int = 4) -> str:
+    """Walk back through reshapes and casts (torch.onnx flattens the head's input to 2-D)."""
+    for _ in range(depth):
+        node = view.producer_node(tensor)
+        data = view.data_inputs(view.producer[tensor]) if node is not None else []
+        if node is None or node.op not in ("Reshape", "Cast", "Identity", "Flatten") or len(data) != 1:
+            return tensor
+        tensor = data[0]
+    return tensor
 
 
 # --------------------------------------------------------------------------- params

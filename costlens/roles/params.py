@@ -14,6 +14,8 @@ from enum import Enum
 from costlens.roles.graphview import LINEAR_OPS, NORM_OPS, GraphView, UseSite
 
 ELEMENTWISE = frozenset({"Add", "Mul", "Sub", "Div"})
+# Ops where a constant table mixes into data without being a weight of the model.
+MIXING_OPS = ELEMENTWISE | {"Where", "Max", "Min", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual"}
 # What each input slot of a fused op holds, where it is a constant. Slots not listed hold
 # activations. (onnxruntime contrib-op schemas; ONNX RotaryEmbedding opset 23.)
 FUSED_SLOTS: dict[str, dict[int, "SiteKind"]] = {}
@@ -70,8 +72,10 @@ def classify(view: GraphView, site: UseSite) -> ParamSite:
         if node.op == "Gemm" and site.slot == 2:
             return ParamSite(site, SiteKind.BIAS, linear_node=site.node)
         return ParamSite(site, SiteKind.LINEAR, linear_node=site.node)
+    if site.gathered:
+        return ParamSite(site, SiteKind.LINEAR, linear_node=site.node)
     if node.op == "Gather" and site.slot == 0:
-        if _from_topk(view, node.inputs[1]):
+        if view.from_topk(node.inputs[1]):
             return ParamSite(site, SiteKind.EXPERT_GATHER)
         return ParamSite(site, SiteKind.EMBED_TOKEN)
     if node.op in NORM_OPS and site.slot >= 1:
@@ -85,7 +89,32 @@ def classify(view: GraphView, site: UseSite) -> ParamSite:
         if linear is not None:
             return ParamSite(site, SiteKind.BIAS, linear_node=linear)
         return ParamSite(site, SiteKind.NORM)
+    if node.op in ELEMENTWISE and others and _adds_to_token_embedding(view, node, others):
+        return ParamSite(site, SiteKind.EMBED_POSITION)   # a static export's sliced position table
+    if node.op in MIXING_OPS:
+        # Learned elementwise weights are per-feature vectors (norm scales, biases). A table
+        # with several non-1 dims meeting data elementwise is a function of positions that a
+        # static export folded: a causal mask, RoPE cos / sin, position-sliced biases.
+        return ParamSite(site, SiteKind.BUFFER)
     return ParamSite(site, SiteKind.UNKNOWN)
+
+
+def _adds_to_token_embedding(view: GraphView, node, others: list[str]) -> bool:
+    """An Add of a constant table to the output of a token-embedding lookup (through views)."""
+    if node.op != "Add" or len(others) != 1:
+        return False
+    tensor = others[0]
+    for _ in range(4):
+        producer = view.producer_node(tensor)
+        if producer is None:
+            return False
+        if producer.op == "Gather":
+            return producer.inputs[0] in view.graph.constants
+        data = view.data_inputs(view.producer[tensor])
+        if producer.op not in ("Reshape", "Cast", "Identity", "Mul") or len(data) != 1:
+            return False
+        tensor = data[0]
+    return False
 
 
 def _is_vector(shape: tuple[int, ...]) -> bool:
@@ -103,19 +132,3 @@ def _linear_producer(view: GraphView, tensor: str) -> int | None:
     if index is not None and view.nodes[index].op in LINEAR_OPS:
         return index
     return None
-
-
-def _from_topk(view: GraphView, tensor: str, depth: int = 6) -> bool:
-    """Do these indices come from a TopK (routed expert ids) rather than from token ids?"""
-    for _ in range(depth):
-        index = view.producer.get(tensor)
-        if index is None:
-            return False
-        node = view.nodes[index]
-        if node.op == "TopK":
-            return True
-        data = view.data_inputs(index)
-        if not data:
-            return False
-        tensor = data[0]
-    return False

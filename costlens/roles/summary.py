@@ -108,9 +108,22 @@ def _positions(view: GraphView, params) -> str:
     if any(p.role is Role.EMBEDDING and p.kind == "position" for p in params):
         return "learned"
     if any(n.op in ("Cos", "Sin") or n.op.endswith("RotaryEmbedding") or n.attr("do_rotary")
-           for n in view.nodes):
+           for n in view.nodes) or _rotates_half(view):
         return "rotary"
     return "none"
+
+
+def _rotates_half(view: GraphView) -> bool:
+    """RoPE's rotate_half (cat(-x2, x1)) on data: what is left of rotary positions when a static
+    export folded the cos / sin tables into constants."""
+    for index, node in enumerate(view.nodes):
+        if node.op != "Neg" or not view.data_inputs(index):
+            continue
+        source = view.producer_node(node.inputs[0])
+        if source is not None and source.op in ("Slice", "Split") and any(
+                view.nodes[c].op == "Concat" for c in view.consumer_nodes(node.outputs[0])):
+            return True
+    return False
 
 
 def _ffn_per_block(units, routers) -> int:
