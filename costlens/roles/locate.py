@@ -13,11 +13,14 @@ from collections import Counter
 from costlens.errors import StructureError
 from costlens.ir import Graph
 from costlens.roles.blocks import ACTIVATION_OPS, BlockFinder
-from costlens.roles.graphview import GraphView
+from costlens.roles.graphview import NORM_OPS, GraphView
 from costlens.roles.layers import is_norm_output, is_post_norm, label_layers, residual_entry, stream_before_norm
 from costlens.roles.params import ParamSite, SiteKind, classify_sites
 from costlens.roles.summary import summarize
 from costlens.roles.types import AttentionBlock, FFNUnit, ParamUse, Role, RoleMap, Router
+
+# ops inside a head transform besides norms and activations: a bias add, casts, a softcap
+HEAD_TRANSFORM_OPS = frozenset({"Add", "Cast", "Identity", "Mul", "Div", "Tanh"})
 
 
 def locate_roles(graph: Graph, require_attention: bool = True) -> RoleMap:
@@ -40,11 +43,14 @@ def locate_roles(graph: Graph, require_attention: bool = True) -> RoleMap:
     head_sites = [s for s in sorted(linear_sites - set(site_role)) if finder.reaches_output(s)]
     for site in head_sites:
         site_role[site] = (Role.LM_HEAD, "weight")
+    head_stream, transforms = _head_transform(view, head_sites, linear_sites - set(site_role))
+    for site in transforms:
+        site_role[site] = (Role.LM_HEAD, "transform")
 
     routers = _find_routers(finder, linear_sites, site_role)
     units = _find_ffn_units(finder, view, site_role)
 
-    entries, tail = _layer_entries(view, cores, projections, head_sites, norm_sites)
+    entries, tail = _layer_entries(view, cores, projections, head_stream, norm_sites)
     labels = label_layers(view, entries, tail)
     n_layers = len(cores)
 
@@ -193,7 +199,39 @@ def _claim_expert_gates(finder, view, site_role, units, linear_sites) -> None:
 
 # --------------------------------------------------------------------------- layers
 
-def _layer_entries(view, cores, projections, head_sites, norm_sites):
+def _head_transform(view: GraphView, head_sites: list[int], free_linears: set[int]) -> tuple[str | None, list[int]]:
+    """(the stream tensor the head reads, the linears of a head transform before it). BERT's MLM
+    head runs dense → GELU → LayerNorm before the decoder: those linears belong to the head.
+    The walk back from the head's input stops at a norm of the residual stream (an add of two
+    streams), which ends the last layer."""
+    if not head_sites:
+        return None, []
+    tensor = _before_views(view, view.data_inputs(head_sites[0])[0])
+    transforms: list[int] = []
+    for _ in range(12):
+        index = view.producer.get(tensor)
+        if index is None:
+            break
+        node = view.nodes[index]
+        data = view.data_inputs(index)
+        if node.op in NORM_OPS and data and _is_residual_sum(view, data[0]):
+            break
+        if index in free_linears:
+            transforms.append(index)
+        elif len(data) != 1 or not (node.op in NORM_OPS or node.op in ACTIVATION_OPS or node.op in HEAD_TRANSFORM_OPS):
+            break
+        tensor = _before_views(view, data[0])
+    if not transforms:
+        return _before_views(view, view.data_inputs(head_sites[0])[0]), []
+    return tensor, transforms
+
+
+def _is_residual_sum(view: GraphView, tensor: str) -> bool:
+    node = view.producer_node(tensor)
+    return node is not None and node.op == "Add" and len(view.data_inputs(view.producer[tensor])) == 2
+
+
+def _layer_entries(view, cores, projections, head_input, norm_sites):
     entries = []
     for core, (q, k, v, o) in zip(cores, projections):
         entry = residual_entry(view, o[0]) if o else None
@@ -202,8 +240,7 @@ def _layer_entries(view, cores, projections, head_sites, norm_sites):
             entry = view.data_inputs(first_input)[0] if first_input is not None else core.q
         entries.append(entry)
     tail = None
-    if head_sites:
-        head_input = _before_views(view, view.data_inputs(head_sites[0])[0])
+    if head_input is not None:
         post_norm = is_post_norm(view, entries, norm_sites)
         tail = head_input
         if not post_norm and is_norm_output(view, head_input, norm_sites):

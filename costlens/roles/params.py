@@ -62,11 +62,11 @@ def classify(view: GraphView, site: UseSite) -> ParamSite:
     node = view.nodes[site.node]
     const = view.graph.constants[site.constant]
     others = [x for i, x in enumerate(node.inputs) if i != site.slot and x and view.is_data(x)]
-    if site.positional:
-        if node.op == "Add" and others and _last_dim(view, site) is not None:
-            return ParamSite(site, SiteKind.EMBED_POSITION)
-        return ParamSite(site, SiteKind.BUFFER)
     if const.n_elements == 1:
+        return ParamSite(site, SiteKind.BUFFER)       # epsilons, scales, mask fill values
+    if site.positional:
+        if node.op == "Add" and others and _last_dim(view, site) is not None and "Where" not in site.path_ops:
+            return ParamSite(site, SiteKind.EMBED_POSITION)
         return ParamSite(site, SiteKind.BUFFER)
     if node.op in LINEAR_OPS:
         if node.op == "Gemm" and site.slot == 2:
