@@ -71,8 +71,11 @@ def analyze(model: Model, plan: Plan, bindings: dict, routed: bool = True) -> St
     adapters = lora_adapters(model, plan, bindings)
     index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
     trainable_sites = {index_of[u.site] for u in model.roles.params if u.key in trainable}
+    # batched experts: the gathered expert matrices carry the weight's gradient into the product
+    gathers = {index_of[u.via] for u in model.roles.params if u.via and (u.key in trainable or any(
+        a.key == u.key for a in adapters))}
     cuts = stop_grad_cuts(model, plan)
-    needs, runs_backward = gradient_flow(model, trainable_sites | {a.site for a in adapters}, cuts)
+    needs, runs_backward = gradient_flow(model, trainable_sites | gathers | {a.site for a in adapters}, cuts)
     return StepAnalysis(model, bindings, frozenset(trainable), frozenset(trainable_sites), tuple(adapters),
                         frozenset(cuts), needs, tuple(runs_backward), frozenset(constant_derived(model)),
                         expert_token_share(model) if routed else {})

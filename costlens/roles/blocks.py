@@ -21,8 +21,10 @@ FUSED_ATTENTION_OPS = {
     "com.microsoft.PackedMultiHeadAttention": (0, 1, 2),
     "Attention": (0, 1, 2),
 }
-SCORE_PATH_OPS = frozenset({"Add", "Div", "Mul", "Sub", "Where", "Cast", "Tanh", "Reshape", "Identity"})
-PROBS_PATH_OPS = frozenset({"Cast", "Dropout", "Identity", "Reshape", "Where"})
+# Between Q·Kᵀ and Softmax: scale, mask, softcap, and attention sinks (gpt-oss concatenates a
+# learned logit per head, subtracts the row max, and slices the sink column off the probabilities).
+SCORE_PATH_OPS = frozenset({"Add", "Div", "Mul", "Sub", "Where", "Cast", "Tanh", "Reshape", "Identity", "Concat"})
+PROBS_PATH_OPS = frozenset({"Cast", "Dropout", "Identity", "Reshape", "Where", "Slice"})
 # Between a projection and the attention core: head reshapes, RoPE, GQA repeats, splits.
 QKV_PATH_OPS = frozenset({
     "Reshape", "Transpose", "Slice", "Split", "Concat", "Neg", "Mul", "Add", "Sub", "Unsqueeze",
@@ -31,6 +33,8 @@ QKV_PATH_OPS = frozenset({
 })
 OUT_PATH_OPS = frozenset({"Transpose", "Reshape", "Cast", "Dropout", "Identity", "Squeeze", "Unsqueeze"})
 ROUTER_PATH_OPS = frozenset({"Softmax", "Sigmoid", "Cast", "Add", "Reshape", "Identity", "LogSoftmax", "Div", "Mul"})
+# PhiMoE's sparsemixer between the router and its ArgMax passes: masking of far-off scores
+SPARSEMIXER_OPS = frozenset({"ReduceMax", "Abs", "Max", "Sub", "Div", "Greater", "Where", "ScatterElements"})
 HEAD_PATH_OPS = frozenset({"Cast", "Reshape", "Add", "Transpose", "Identity", "Div", "Tanh", "Mul", "Squeeze"})
 ACTIVATION_OPS = {
     "Gelu": "gelu", "Relu": "relu", "Sigmoid": "silu", "Erf": "gelu", "Tanh": "tanh",
@@ -44,9 +48,9 @@ FFN_INNER_OPS = frozenset({
     "com.microsoft.QuickGelu", "Mish", "Elu", "LeakyRelu", "HardSwish", "Clip", "Unsqueeze", "Squeeze",
 })
 # Elementwise ops an activation is written out with (several data inputs, one source linear).
-WRITTEN_OUT_OPS = frozenset({"Add", "Mul", "Pow", "Tanh", "Erf", "Sigmoid", "Div", "Sub", "Neg", "Cast"})
+WRITTEN_OUT_OPS = frozenset({"Add", "Mul", "Pow", "Tanh", "Erf", "Sigmoid", "Div", "Sub", "Neg", "Cast", "Clip"})
 TRACE_BACK_OPS = frozenset({"Add", "Split", "Slice", "Reshape", "Cast", "Transpose", "Squeeze", "Unsqueeze",
-                            "Identity", "Dropout", "Mul", "Div", "Gather"})
+                            "Identity", "Dropout", "Mul", "Div", "Gather", "Clip"})
 
 
 @dataclass(frozen=True)
@@ -176,8 +180,10 @@ class BlockFinder:
 
     # ------------------------------------------------------------------ routers
     def router_of(self, site: int) -> tuple[int | None, int | None] | None:
-        """(TopK node, k) when this linear's output reaches TopK within a few ops."""
-        frontier, seen = [(self.view.nodes[site].outputs[0], 0)], set()
+        """(TopK node, k) when this linear's output reaches TopK within a few ops. PhiMoE's
+        sparsemixer picks its k experts with k ArgMax passes over masked scores instead:
+        (the first ArgMax, the number of them)."""
+        frontier, seen, argmaxes = [(self.view.nodes[site].outputs[0], 0)], set(), []
         while frontier:
             name, level = frontier.pop(0)
             for index in self.view.consumer_nodes(name):
@@ -190,9 +196,31 @@ class BlockFinder:
                     return index, (k_value[0] if k_value else None)
                 if node.op.endswith("MoE") and node.inputs[1:2] == (name,):
                     return index, node.attr("k")
-                if node.op in ROUTER_PATH_OPS and index not in self.linear_sites:
+                if node.op == "ArgMax":
+                    argmaxes.append(index)
+                    continue
+                if index not in self.linear_sites and (node.op in ROUTER_PATH_OPS or node.op in SPARSEMIXER_OPS):
                     frontier.extend((o, level + 1) for o in node.outputs if o)
+        if argmaxes and self._picks_experts(argmaxes):
+            return min(argmaxes), len(argmaxes)
         return None
+
+    def _picks_experts(self, argmaxes: list[int]) -> bool:
+        """Do these ArgMax indices select rows of an expert tensor (not, say, a sampled token)?"""
+        outputs = {self.view.nodes[i].outputs[0] for i in argmaxes}
+        for gathered in self.view.routed_gathers:
+            producer = self.view.producer[gathered]
+            frontier, seen = [self.view.nodes[producer].inputs[1]], set()
+            while frontier:
+                name = frontier.pop()
+                if name in outputs:
+                    return True
+                index = self.view.producer.get(name)
+                if index is None or index in seen:
+                    continue
+                seen.add(index)
+                frontier.extend(self.view.data_inputs(index))
+        return False
 
     def routing_tensors(self, site: int, topk: int | None, depth: int = 10) -> set[str]:
         """Tensors derived from a router's decision (combine weights), not crossing linears."""
@@ -230,7 +258,7 @@ class BlockFinder:
         return False
 
     # ------------------------------------------------------------------ FFN
-    def trace_to_linear(self, tensor: str, depth: int = 6) -> int | None:
+    def trace_to_linear(self, tensor: str, depth: int = 10) -> int | None:
         """The one linear this tensor is computed from through views and elementwise ops. An
         activation written out (GPT-2's tanh-GELU: 0.5·x·(1 + tanh(c·(x + 0.044715·x³)))) mixes
         several branches of the same linear's output; branches of two different linears (a
@@ -248,7 +276,8 @@ class BlockFinder:
             return set()
         seen.add(tensor)
         node = self.view.nodes[index]
-        data = self.view.data_inputs(index)
+        # a routed expert bias (gpt-oss) is a weight that joins the product, not a second source
+        data = [x for x in self.view.data_inputs(index) if x not in self.view.routed_gathers]
         if not data or (node.op not in TRACE_BACK_OPS and not (node.op in WRITTEN_OUT_OPS and len(data) == 1)):
             return None
         if len(data) > 1 and node.op not in WRITTEN_OUT_OPS:

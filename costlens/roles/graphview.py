@@ -40,7 +40,7 @@ class UseSite:
     path_ops: tuple[str, ...]   # ops between the constant and the site
     positional: bool       # the path mixed in shape-derived values (positions): a table, not a weight
     rank: int | None       # rank of the constant-derived tensor entering the site
-    gathered: bool = False  # rows of an expert tensor picked by routed ids on the way (batched experts)
+    via: int | None = None  # the Gather that picked rows of a 3-D expert tensor by routed ids (batched experts)
 
 
 class GraphView:
@@ -122,7 +122,7 @@ class GraphView:
                         # batched experts: W[ids] @ x. The product is where the weight works;
                         # the gather only picks each (token, expert) pair's matrix.
                         m_index, m_slot = matmul
-                        found.append(UseSite(constant, m_index, m_slot, path + (node.op,), positional, rank, True))
+                        found.append(UseSite(constant, m_index, m_slot, path + (node.op,), positional, rank, index))
                         continue
                     found.append(UseSite(constant, index, slot, path, positional, cur_rank))
                     continue
@@ -156,19 +156,31 @@ class GraphView:
         return None
 
     def from_topk(self, tensor: str, depth: int = 8) -> bool:
-        """Do these indices come from a TopK (routed expert ids) rather than from token ids?"""
-        for _ in range(depth):
-            index = self.producer.get(tensor)
-            if index is None:
-                return False
+        """Do these indices come from a routing decision (TopK, or ArgMax as PhiMoE's sparsemixer
+        picks one expert per pass) rather than from token ids?"""
+        frontier, seen = [(tensor, 0)], set()
+        while frontier:
+            name, level = frontier.pop()
+            index = self.producer.get(name)
+            if index is None or index in seen or level > depth:
+                continue
+            seen.add(index)
             node = self.nodes[index]
-            if node.op == "TopK":
+            if node.op in ("TopK", "ArgMax"):
                 return True
-            data = self.data_inputs(index)
-            if not data:
-                return False
-            tensor = data[0]
+            frontier.extend((x, level + 1) for x in self.data_inputs(index))
         return False
+
+    @cached_property
+    def routed_gathers(self) -> frozenset[str]:
+        """Outputs of Gather / GatherND picking rows of a constant by routed expert ids: expert
+        weights and biases, not activations, whatever the gather's index input is."""
+        found = set()
+        for node in self.nodes:
+            if node.op in ("Gather", "GatherND") and len(node.inputs) > 1 and node.inputs[0] in self.graph.constants \
+                    and self.from_topk(node.inputs[1]):
+                found.add(node.outputs[0])
+        return frozenset(found)
 
     def _rank(self, tensor: str) -> int | None:
         shape = self.graph.shape(tensor)

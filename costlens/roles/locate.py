@@ -287,6 +287,7 @@ def _param_uses(view: GraphView, sites: dict[str, list[ParamSite]], site_role, l
                 key=key, constant=name, role=role, kind=kind, layer=layer_of(node_index), n_params=count,
                 shape=const.shape, site=view.nodes[node_index].name, hint=view.nodes[node_index].scope,
                 tied_to=tied, n_experts=const.shape[0] if role is Role.EXPERTS and len(const.shape) == 3 else 0,
+                via=None if use.site.via is None else view.nodes[use.site.via].name,
             ))
     return params, buffers
 
@@ -303,8 +304,10 @@ def _role_of(use: ParamSite, site_role) -> tuple[Role, str]:
         SiteKind.EMBED_POSITION: (Role.EMBEDDING, "position"),
         SiteKind.NORM: (Role.NORM, "norm"),
         SiteKind.EXPERT_GATHER: (Role.EXPERTS, "expert_weight"),
+        SiteKind.EXPERT_BIAS: (Role.EXPERTS, "bias"),
         SiteKind.FUSED_ATTENTION: (Role.ATTENTION, "qkv"),
         SiteKind.FUSED_MOE: (Role.EXPERTS, "expert_weight"),
+        SiteKind.ATTENTION_SINK: (Role.ATTENTION, "sink"),
     }
     return fixed.get(kind, (Role.OTHER, "unknown"))
 

@@ -29,8 +29,10 @@ class SiteKind(Enum):
     EMBED_POSITION = "position"
     NORM = "norm"
     EXPERT_GATHER = "expert_gather"  # rows of an expert tensor picked by routed indices
+    EXPERT_BIAS = "expert_bias"      # an [E, out] bias picked by routed indices
     FUSED_ATTENTION = "fused_attention"
     FUSED_MOE = "fused_moe"
+    ATTENTION_SINK = "attention_sink"   # gpt-oss: a learned logit per head concatenated to the scores
     BUFFER = "buffer"
     UNKNOWN = "unknown"
 
@@ -72,11 +74,13 @@ def classify(view: GraphView, site: UseSite) -> ParamSite:
         if node.op == "Gemm" and site.slot == 2:
             return ParamSite(site, SiteKind.BIAS, linear_node=site.node)
         return ParamSite(site, SiteKind.LINEAR, linear_node=site.node)
-    if site.gathered:
+    if site.via is not None:
         return ParamSite(site, SiteKind.LINEAR, linear_node=site.node)
+    if node.op in ("Gather", "GatherND") and site.slot == 0 and node.outputs[0] in view.routed_gathers:
+        if len(const.shape) == 2:
+            return ParamSite(site, SiteKind.EXPERT_BIAS)        # gpt-oss: [E, out] biases picked per pair
+        return ParamSite(site, SiteKind.EXPERT_GATHER)
     if node.op == "Gather" and site.slot == 0:
-        if view.from_topk(node.inputs[1]):
-            return ParamSite(site, SiteKind.EXPERT_GATHER)
         return ParamSite(site, SiteKind.EMBED_TOKEN)
     if node.op in NORM_OPS and site.slot >= 1:
         return ParamSite(site, SiteKind.NORM)
@@ -89,6 +93,8 @@ def classify(view: GraphView, site: UseSite) -> ParamSite:
         if linear is not None:
             return ParamSite(site, SiteKind.BIAS, linear_node=linear)
         return ParamSite(site, SiteKind.NORM)
+    if node.op == "Concat" and _is_vector(const.shape) and _reaches_softmax(view, site.node):
+        return ParamSite(site, SiteKind.ATTENTION_SINK)    # a learned logit per head beside the scores
     if node.op in ELEMENTWISE and others and _adds_to_token_embedding(view, node, others):
         return ParamSite(site, SiteKind.EMBED_POSITION)   # a static export's sliced position table
     if node.op in MIXING_OPS:
@@ -97,6 +103,20 @@ def classify(view: GraphView, site: UseSite) -> ParamSite:
         # static export folded: a causal mask, RoPE cos / sin, position-sliced biases.
         return ParamSite(site, SiteKind.BUFFER)
     return ParamSite(site, SiteKind.UNKNOWN)
+
+
+def _reaches_softmax(view: GraphView, index: int, depth: int = 3) -> bool:
+    frontier = [(index, 0)]
+    while frontier:
+        node_index, level = frontier.pop()
+        for out in view.nodes[node_index].outputs:
+            for consumer in view.consumer_nodes(out):
+                op = view.nodes[consumer].op
+                if op == "Softmax":
+                    return True
+                if level < depth and op in ("Sub", "Cast", "Add"):
+                    frontier.append((consumer, level + 1))
+    return False
 
 
 def _adds_to_token_embedding(view: GraphView, node, others: list[str]) -> bool:

@@ -40,6 +40,7 @@ class ParamUse:
     hint: str = ""           # module path the exporter recorded, if any
     tied_to: str | None = None
     n_experts: int = 0       # >0 for a tensor with a leading expert dimension
+    via: str | None = None   # a routed Gather picking its expert matrices before the site (batched experts)
 
 
 @dataclass(frozen=True)

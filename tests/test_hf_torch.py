@@ -1,0 +1,142 @@
+"""Every default plan on every corpus model, against a real step of the real transformers module.
+
+The module is rebuilt from ``fixtures/hf/ARCH.config.json`` (random weights, eager attention,
+experts run per expert), the plan is applied by parameter name as a user does it (requires_grad
+flags from the truth file's name rules, PEFT ``target_modules`` / ``target_parameters`` for
+LoRA), and FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` around forward +
+cross-entropy + backward. The estimate is priced from the dynamo ONNX export. Targets
+(issue 9): trainable parameters exact, forward and step FLOPs within 1%.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the torch extra (pip install -e '.[torch]')")
+transformers = pytest.importorskip("transformers", reason="needs the torch extra")
+
+import costlens  # noqa: E402
+from costlens.estimate import estimate  # noqa: E402
+from costlens.plans import Setup, parse_plan_spec  # noqa: E402
+
+pytestmark = pytest.mark.torch
+CORPUS = Path(__file__).resolve().parent.parent / "fixtures" / "hf"
+INDEX = json.loads((CORPUS / "index.json").read_text())
+BATCH, SEQ = 2, 16
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("hf_corpus_build", CORPUS / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _builder()
+ARCHS = sorted(a for a, e in INDEX["archs"].items() if e["exporters"].get("dynamo", {}).get("status") == "ok")
+
+
+def real_module(arch: str):
+    """The tiny transformers model of the corpus, eager attention, experts run per expert."""
+    config = transformers.AutoConfig.for_model(**json.loads((CORPUS / f"{arch}.config.json").read_text()))
+    config._attn_implementation = "eager"
+    if getattr(config, "_experts_implementation", None) is not None or "expert" in json.dumps(config.to_dict()):
+        config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    model_class = getattr(transformers, INDEX["archs"][arch]["model_class"].split(".")[-1])
+    return model_class(config).eval()
+
+
+def _names_with_role(module, roles: set[str]) -> set[str]:
+    return {name for name, _ in module.named_parameters() if BUILD.role_of(name) in roles}
+
+
+def _linear_modules(module, roles: set[str]) -> list[str]:
+    """Full names of linear modules (nn.Linear, GPT-2's Conv1D) whose weight has one of these roles."""
+    found = []
+    for name, sub in module.named_modules():
+        weight = getattr(sub, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and weight.dim() == 2 and not isinstance(sub, torch.nn.Embedding) \
+                and BUILD.role_of(f"{name}.weight") in roles and "norm" not in type(sub).__name__.lower():
+            found.append(name)
+    return found
+
+
+def _expert_tensors(module) -> list[str]:
+    return [name for name, p in module.named_parameters() if p.dim() == 3 and BUILD.role_of(name) == "experts"]
+
+
+def apply_default_plan(module, plan_name: str):
+    """A default plan of ``costlens compare`` the way a user writes it with torch and PEFT."""
+    trains = {
+        "full": None, "freeze-attn": "not-attention", "ffn-only": {"ffn"}, "experts-only": {"experts"},
+        "router-only": {"router"},
+    }
+    if plan_name in trains:
+        chosen = trains[plan_name]
+        for name, param in module.named_parameters():
+            role = BUILD.role_of(name)
+            param.requires_grad_(chosen is None or (role != "attention" if chosen == "not-attention" else role in chosen))
+        return module
+    from peft import LoraConfig, get_peft_model
+    for param in module.parameters():
+        param.requires_grad_(False)
+    rank_pattern, parameters = {}, []
+    if plan_name == "lora-attn-r8":
+        modules = _linear_modules(module, {"attention"})
+    elif plan_name == "lora-attn-ffn-r8":
+        modules = _linear_modules(module, {"attention", "ffn"})
+    elif plan_name == "lora-attn-router-experts":
+        routers = _linear_modules(module, {"router"})
+        experts = _linear_modules(module, {"experts"})
+        parameters = [n.removesuffix(".weight") if False else n for n in _expert_tensors(module)]
+        modules = _linear_modules(module, {"attention"}) + routers + experts
+        rank_pattern = {re.escape(m) + "$": 4 for m in routers + experts}
+        rank_pattern.update({re.escape(p.rsplit(".", 1)[-1]): 4 for p in parameters})
+    else:
+        raise AssertionError(f"no torch recipe for default plan {plan_name!r}")
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=modules,
+                        target_parameters=parameters, rank_pattern=rank_pattern)
+    return get_peft_model(module, config)
+
+
+def step_flops(module, vocab: int) -> tuple[int, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        logits = module(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1))
+        forward = counter.get_total_flops()
+        loss.backward()
+    return forward, counter.get_total_flops()
+
+
+def _cases():
+    cases = []
+    for arch in ARCHS:
+        model = costlens.load(CORPUS / f"{arch}.dynamo.onnx")
+        cases += [(arch, spec) for spec in costlens.default_plans(model)]
+    return cases
+
+
+@pytest.fixture(scope="module")
+def onnx_models():
+    cache = {}
+    return lambda arch: cache.setdefault(arch, costlens.load(CORPUS / f"{arch}.dynamo.onnx"))
+
+
+@pytest.mark.parametrize("arch, spec", _cases(), ids=lambda v: str(v).split(":")[0])
+def test_default_plan_matches_the_real_module(onnx_models, arch, spec):
+    plan = parse_plan_spec(spec)
+    module = apply_default_plan(real_module(arch), plan.name)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    vocab = INDEX["archs"][arch]["config_kwargs"].get("vocab_size", 256)
+    measured_forward, measured_total = step_flops(module, vocab)
+    result = estimate(onnx_models(arch), plan, Setup(batch=BATCH, seq=SEQ))
+    assert result.params.trainable == trainable
+    assert result.flops.forward == pytest.approx(measured_forward, rel=0.01)
+    assert result.flops.forward + result.flops.backward == pytest.approx(measured_total, rel=0.01)
