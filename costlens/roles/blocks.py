@@ -33,6 +33,9 @@ QKV_PATH_OPS = frozenset({
 })
 OUT_PATH_OPS = frozenset({"Transpose", "Reshape", "Cast", "Dropout", "Identity", "Squeeze", "Unsqueeze"})
 ROUTER_PATH_OPS = frozenset({"Softmax", "Sigmoid", "Cast", "Add", "Reshape", "Identity", "LogSoftmax", "Div", "Mul"})
+# From a projection back to the linear of a low-rank chain: a norm (fused or written out), views
+LOW_RANK_PATH_OPS = NORM_OPS | {"Mul", "Div", "Add", "Sub", "Sqrt", "Reciprocal", "Pow", "ReduceMean", "Cast",
+                                "Reshape", "Transpose", "Split", "Slice", "Squeeze", "Unsqueeze", "Identity"}
 # PhiMoE's sparsemixer between the router and its ArgMax passes: masking of far-off scores
 SPARSEMIXER_OPS = frozenset({"ReduceMax", "Abs", "Max", "Sub", "Div", "Greater", "Where", "ScatterElements"})
 HEAD_PATH_OPS = frozenset({"Cast", "Reshape", "Add", "Transpose", "Identity", "Div", "Tanh", "Mul", "Squeeze"})
@@ -168,11 +171,28 @@ class BlockFinder:
             q = k = v = inputs[0] or None   # packed qkv (or weights inside the op)
         return AttentionCore(node.op.split(".")[-1], index, None, index, q, k, v, node.outputs[0])
 
+    def with_low_rank(self, sites: tuple[int, ...]) -> tuple[int, ...]:
+        """Add the down-projections of low-rank chains: DeepSeek's MLA computes q as
+        q_b(norm(q_a(x))) and k, v from kv_b(norm(kv_a(x))). A projection whose input comes,
+        through a norm and views only, from one other linear continues that linear."""
+        found, frontier = set(sites), list(sites)
+        while frontier:
+            site = frontier.pop()
+            data = self.view.data_inputs(site)
+            if not data:
+                continue
+            behind = self._linears_behind(data[0], 12, set(), LOW_RANK_PATH_OPS)
+            if behind and len(behind) == 1 and not behind <= found:
+                found |= behind
+                frontier.extend(behind)
+        return tuple(sorted(found))
+
     def projections(self, core: AttentionCore) -> tuple[tuple[int, ...], ...]:
         """(q, k, v, o) linear sites of one attention core."""
         if core.kind == "Attention" and core.q is None:
             return (), (), (), ()
-        q, k, v = (self.walk_back_to_linears(t, QKV_PATH_OPS) if t else () for t in (core.q, core.k, core.v))
+        q, k, v = (self.with_low_rank(self.walk_back_to_linears(t, QKV_PATH_OPS)) if t else ()
+                   for t in (core.q, core.k, core.v))
         if core.kind == "Attention" and self.view.nodes[core.score_node].op == "com.microsoft.Attention":
             q = k = v = ()   # its weights are inputs of the op itself
         o = self.walk_forward_to_linear(core.output, OUT_PATH_OPS, depth=8)
@@ -266,7 +286,11 @@ class BlockFinder:
         found = self._linears_behind(tensor, depth, set())
         return next(iter(found)) if found is not None and len(found) == 1 else None
 
-    def _linears_behind(self, tensor: str, depth: int, seen: set[str]) -> set[int] | None:
+    def _linears_behind(self, tensor: str, depth: int, seen: set[str],
+                        through: frozenset | None = None) -> set[int] | None:
+        """Linear sites behind a tensor when every path back ends at one (None if some path ends
+        elsewhere). ``through``: ops passed with any number of data inputs (default: views and
+        single-input ops, plus the elementwise ops an activation is written out with)."""
         index = self.view.producer.get(tensor)
         if index is None or depth < 0:
             return None
@@ -278,13 +302,16 @@ class BlockFinder:
         node = self.view.nodes[index]
         # a routed expert bias (gpt-oss) is a weight that joins the product, not a second source
         data = [x for x in self.view.data_inputs(index) if x not in self.view.routed_gathers]
-        if not data or (node.op not in TRACE_BACK_OPS and not (node.op in WRITTEN_OUT_OPS and len(data) == 1)):
+        if through is not None:
+            if not data or node.op not in through:
+                return None
+        elif not data or (node.op not in TRACE_BACK_OPS and not (node.op in WRITTEN_OUT_OPS and len(data) == 1)):
             return None
-        if len(data) > 1 and node.op not in WRITTEN_OUT_OPS:
+        elif len(data) > 1 and node.op not in WRITTEN_OUT_OPS:
             return None
         found: set[int] = set()
         for x in data:
-            behind = self._linears_behind(x, depth - 1, seen)
+            behind = self._linears_behind(x, depth - 1, seen, through)
             if behind is None:
                 return None
             found |= behind

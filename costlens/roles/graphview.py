@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from costlens.ir import Graph, Node
+from costlens.ir import FLOAT_DTYPES, Graph, Node
 
 # Ops whose outputs describe a tensor's shape, not its values: data does not flow through.
 SHAPE_OPS = frozenset({"Shape", "Size"})
@@ -172,13 +172,28 @@ class GraphView:
         return False
 
     @cached_property
+    def live(self) -> frozenset[str]:
+        """Tensors on a floating-point path to a graph output: what a gradient from the loss can
+        reach. Index outputs (TopK's indices, ArgMax) and comparisons cut the path, so a constant
+        that only steers a selection (DeepSeek-V3's e_score_correction_bias) gets no gradient."""
+        live = set(self.graph.outputs)
+        for node in reversed(self.nodes):
+            if any(out in live and self._is_float(out) for out in node.outputs if out):
+                live.update(x for x in node.inputs if x and self._is_float(x))
+        return frozenset(live)
+
+    def _is_float(self, tensor: str) -> bool:
+        dtype = self.graph.dtype(tensor)
+        return dtype is None or dtype in FLOAT_DTYPES
+
+    @cached_property
     def routed_gathers(self) -> frozenset[str]:
         """Outputs of Gather / GatherND picking rows of a constant by routed expert ids: expert
         weights and biases, not activations, whatever the gather's index input is."""
         found = set()
         for node in self.nodes:
-            if node.op in ("Gather", "GatherND") and len(node.inputs) > 1 and node.inputs[0] in self.graph.constants \
-                    and self.from_topk(node.inputs[1]):
+            if node.op in ("Gather", "GatherND") and len(node.inputs) > 1 and node.inputs[0] not in self.dynamic \
+                    and self.from_topk(node.inputs[1]):      # rows of a constant (or a view of one)
                 found.add(node.outputs[0])
         return frozenset(found)
 

@@ -66,6 +66,8 @@ def classify(view: GraphView, site: UseSite) -> ParamSite:
     others = [x for i, x in enumerate(node.inputs) if i != site.slot and x and view.is_data(x)]
     if const.n_elements == 1:
         return ParamSite(site, SiteKind.BUFFER)       # epsilons, scales, mask fill values
+    if not any(out in view.live for out in node.outputs if out):
+        return ParamSite(site, SiteKind.BUFFER)       # only steers a selection: no gradient reaches it
     if site.positional:
         if node.op == "Add" and others and _last_dim(view, site) is not None and "Where" not in site.path_ops:
             return ParamSite(site, SiteKind.EMBED_POSITION)
