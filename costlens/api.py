@@ -33,14 +33,17 @@ class Model:
 
 
 IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-SOURCE_KINDS = "an .onnx file, a Hugging Face config.json or model folder, or an import spec package.module:factory"
+SOURCE_KINDS = ("an .onnx file, a Hugging Face config.json or model folder, an import spec package.module:factory, "
+                "or a Hugging Face Hub id org/name")
 
 
-def load_graph(source, *, tracer: str = "export") -> Graph:
+def load_graph(source, *, tracer: str = "export", revision: str | None = None) -> Graph:
     """Build the graph IR from a source: an ``.onnx`` file; a Hugging Face ``config.json`` or
     a folder holding one (built on the meta device, never downloaded, no weights read); an
     import spec ``package.module:factory`` (a callable returning an ``nn.Module``, or a
-    ``(module, example_inputs)`` pair); an ``nn.Module``; or a transformers config object.
+    ``(module, example_inputs)`` pair); a Hugging Face Hub id ``org/name`` (its config.json only,
+    at ``revision``; frontends/hub.py); an ``nn.Module``; or a transformers config object.
+    A local path wins over an import spec, which wins over a hub id.
     PyTorch sources are traced with ``torch.export`` (``tracer="export"``) or, for small
     modules that run on the CPU, TorchScript via fvcore (``tracer="fvcore"``)."""
     if tracer not in ("export", "fvcore"):
@@ -49,6 +52,8 @@ def load_graph(source, *, tracer: str = "export") -> Graph:
         return _load_object(source, tracer)
     path = Path(source)
     text = os.fspath(source)
+    if revision is not None and (path.exists() or not _is_hub_id(text)):
+        raise CostlensError(f"{source}: --revision applies to Hugging Face Hub ids (org/name) only")
     if path.suffix.lower() == ".onnx" or (path.is_file() and path.suffix.lower() != ".json"):
         from costlens.frontends.onnx import load_onnx
         return load_onnx(path)
@@ -63,7 +68,17 @@ def load_graph(source, *, tracer: str = "export") -> Graph:
         from costlens.frontends.torch_export import module_from_spec
         module, example_inputs = module_from_spec(text)
         return _traced(module, text, tracer, example_inputs)
+    from costlens.frontends.hub import hub_config_path, is_hub_id
+    if is_hub_id(text):
+        _needs_torch(text)
+        from costlens.frontends.hf_config import read_config
+        return _traced(read_config(hub_config_path(text, revision)), text, tracer)
     raise CostlensError(f"{source}: no such model file (expected {SOURCE_KINDS})")
+
+
+def _is_hub_id(text: str) -> bool:
+    from costlens.frontends.hub import is_hub_id
+    return is_hub_id(text) and not IMPORT_SPEC.match(text)
 
 
 def _load_object(source, tracer: str) -> Graph:
@@ -94,9 +109,16 @@ def _traced(model, name: str, tracer: str, example_inputs=None) -> Graph:
     return load_torch(model, example_inputs, source=name)
 
 
-def load(source, *, tracer: str = "export") -> Model:
-    """Load a model (any source ``load_graph`` takes) and locate the role of every parameter."""
-    graph = load_graph(source, tracer=tracer)
+def load(source, *, tracer: str = "export", revision: str | None = None) -> Model:
+    """Load a model (any source ``load_graph`` takes; ``revision``: a hub id's branch, tag or
+    commit) and locate the role of every parameter."""
+    graph = load_graph(source, tracer=tracer, revision=revision)
     roles = locate_roles(graph)
+    return Model(graph=graph, roles=roles, unknown_ops=unknown_ops(graph))
+
+
+def unknown_ops(graph: Graph) -> Mapping[str, int]:
+    """Ops of the graph without a cost rule (ops/registry.py), by name with their counts: the
+    estimate is incomplete while any is left, never silently priced at zero."""
     unknown = Counter(node.op for node in graph.nodes if not known(node.op))
-    return Model(graph=graph, roles=roles, unknown_ops=frozen_map(dict(sorted(unknown.items()))))
+    return frozen_map(dict(sorted(unknown.items())))

@@ -55,6 +55,7 @@ class Bound:
     written: str          # e.g. "fits: h100-80gb (10% headroom)", "24GiB", "50M"
     where: str            # key path in the file, e.g. "defaults.peak_memory"
     gpu: str | None = None  # the accelerator of a "fits:" limit
+    gpus: int = 1           # "fits: 8x h100-80gb": the per-rank peak on each of 8 ranks ([setup] gpus = 8)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ _EXAMPLES = {Limit.PEAK_MEMORY: '24GiB, 512MiB, 80GB, a number of bytes or "fits
              Limit.TIME_PER_STEP: '"1.2s", "500ms", "2min" or a number of seconds'}
 _UNITS = {Limit.PEAK_MEMORY: _BYTE_UNITS, Limit.TRAINABLE_PARAMS: _PARAM_UNITS,
           Limit.STEP_FLOPS: _FLOP_UNITS, Limit.TIME_PER_STEP: _SECOND_UNITS}
-_FITS = re.compile(r"^\s*fits\s*:\s*(\S+)\s*$", re.IGNORECASE)
+_FITS = re.compile(r"^\s*fits\s*:\s*(?:(\d+)\s*[x×]\s*)?(\S+)\s*$", re.IGNORECASE)
 
 
 def parse_quantity(value: object, limit: Limit) -> float:
@@ -163,6 +164,8 @@ def parse_budget(text: str, source: str = "costlens.toml") -> Budget:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _syntax_error(e, text, source) from None
+    except RecursionError:
+        raise BudgetError(f"{source}: not a budget file (arrays or tables nested too deeply)") from None
     where = _Locator(text, source)
     for key in data:
         if key not in ("setup", "defaults", "plan"):
@@ -236,7 +239,11 @@ def _parse_plan(table: dict, index: int, defaults: dict, setup: dict, where: "_L
         path = ("plan", index, limit.value) if own else ("defaults", limit.value)
         value = table[limit.value] if own else defaults[limit.value]
         if limit is Limit.PEAK_MEMORY:
-            bounds.append(_memory_bound(value, path, table, defaults, where))
+            bound = _memory_bound(value, path, table, defaults, where)
+            if bound.gpus != setup.get("gpus", 1) and bound.gpus > 1:
+                raise where.error(path, f"{bound.written!r} needs gpus = {bound.gpus} in [setup] "
+                                        "(and shard = \"ddp\", \"zero1\", \"zero2\" or \"zero3\")")
+            bounds.append(bound)
             continue
         if limit is Limit.TIME_PER_STEP and not setup.get("gpu"):
             raise where.error(path, 'a time limit needs the accelerator: set gpu = "h100-80gb" (or another) in [setup]')
@@ -278,13 +285,16 @@ def _memory_bound(value, path: tuple, table: dict, defaults: dict, where: "_Loca
             raise where.error(stray, 'headroom applies to peak_memory = "fits: GPU" only; a size is the limit itself')
         return Bound(Limit.PEAK_MEMORY, _quantity(value, Limit.PEAK_MEMORY, path, where), _written(value),
                      where.path(path))
-    name = _gpu_name(fits.group(1), path, where)
+    name = _gpu_name(fits.group(2), path, where)
+    count = int(fits.group(1) or 1)
+    if count < 1:
+        raise where.error(path, "the number of GPUs in \"fits: Nx GPU\" must be positive")
     headroom = (table if own_headroom else defaults).get("headroom", 0.0)
     if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0.0 <= headroom < 1.0:
         raise where.error(headroom_path, f"must be a fraction in [0, 1), e.g. 0.1, got {headroom!r}")
     maximum = gpus.gpu(name).memory_bytes * (1.0 - headroom)
-    written = f"fits: {name}" + (f" ({headroom:.0%} headroom)" if headroom else "")
-    return Bound(Limit.PEAK_MEMORY, maximum, written, where.path(path), gpu=name)
+    written = f"fits: {f'{count}x ' if count > 1 else ''}{name}" + (f" ({headroom:.0%} headroom)" if headroom else "")
+    return Bound(Limit.PEAK_MEMORY, maximum, written, where.path(path), gpu=name, gpus=count)
 
 
 def _quantity(value, limit: Limit, path: tuple, where: "_Locator") -> float:
@@ -399,6 +409,8 @@ def _measure(limit: Limit, plan: dict, document: dict, budget: Budget) -> float:
     if limit is Limit.STEP_FLOPS:
         return plan["flops"]["step"]
     if limit is Limit.PEAK_MEMORY:
+        if plan.get("parallel"):             # several ranks: the largest per-rank peak must fit
+            return plan["parallel"]["per_rank_bytes"]["peak"]
         peak = (plan.get("memory_bytes") or {}).get("peak")
         if peak is None:
             raise CostlensError(f"plan {plan['name']!r}: peak_memory cannot be checked: the estimate "

@@ -18,6 +18,18 @@ TRACER = click.option(
     help="How a PyTorch source (import spec, config.json, model folder) is traced: torch.export on the meta "
          "device, or fvcore's TorchScript trace.")
 
+REVISION = click.option("--revision", default=None,
+                        help="Branch, tag or commit of a Hugging Face Hub id MODEL (org/name) [default: main].")
+
+
+def _load(model: str, tracer: str = "export", revision: str | None = None):
+    """costlens.load, with a note on stderr while it traces (a terminal only)."""
+    from costlens.api import load
+    from costlens.cli_help import status
+    status(f"loading {model}")
+    return load(model, tracer=tracer, revision=revision)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="costlens")
@@ -29,14 +41,14 @@ def main(debug: bool) -> None:
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the costlens.inspect/1 JSON document.")
 @TRACER
+@REVISION
 @friendly_errors
-def inspect(model: str, as_json: bool, tracer: str) -> None:
+def inspect(model: str, as_json: bool, tracer: str, revision: str | None) -> None:
     """Summarize MODEL (an .onnx file, a Hugging Face config.json or model folder, or an import
     spec package.module:factory): architecture, parameters by role and per layer."""
-    from costlens.api import load
     from costlens.render.inspect import inspect_document, inspect_text
 
-    document = inspect_document(load(model, tracer=tracer))
+    document = inspect_document(_load(model, tracer, revision))
     if as_json:
         click.echo(json.dumps(document, indent=2))
     else:
@@ -45,6 +57,32 @@ def inspect(model: str, as_json: bool, tracer: str) -> None:
 
 SETUP_KEYS = ("batch", "seq", "optimizer", "optimizer_impl", "precision", "attention", "checkpointing", "gpu", "mfu",
               "moe_dispatch")
+
+
+PARALLEL_OPTIONS = [
+    click.option("--gpus", type=int, default=None,
+                 help="Ranks the step runs on (per-rank figures; --batch is per data-parallel rank) [default: tp x ep]."),
+    click.option("--shard", type=click.Choice(["none", "ddp", "zero1", "zero2", "zero3"]), default=None,
+                 help="How data-parallel ranks hold the model: ddp (replicas), zero1 (optimizer state sharded), "
+                      "zero2 (FSDP2 reshard_after_forward=False), zero3 (FSDP2 fully_shard) [default: ddp with --gpus]."),
+    click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks (heads and FFN width split)."),
+    click.option("--ep", type=int, default=1, show_default=True, help="Expert-parallel ranks (experts split)."),
+    click.option("--offload", type=click.Choice(["optimizer", "params"]), default=None,
+                 help="Keep optimizer state (and with params, the parameter shards) in host memory."),
+    click.option("--bandwidth", type=float, default=100.0, show_default=True,
+                 help="GB/s per rank for the communication time estimate."),
+]
+
+
+def _parallel_values(options: dict) -> dict:
+    """Setup fields of the parallel layout from the options (docs/distributed.md)."""
+    if "tp" not in options:
+        return {}
+    tp, ep = options["tp"], options["ep"]
+    gpus = options["gpus"] or tp * ep
+    shard = options["shard"] or ("ddp" if gpus // (tp * ep) > 1 else "none")
+    return {"gpus": gpus, "shard": shard, "tp": tp, "ep": ep, "offload": options["offload"],
+            "bandwidth": options["bandwidth"]}
 
 
 def setup_options(command):
@@ -66,22 +104,42 @@ def setup_options(command):
         click.option("--mfu", type=float, default=0.4, show_default=True, help="Model FLOPs utilization for --gpu."),
         click.option("--moe-dispatch", type=click.Choice(["routed", "dense"]), default="routed", show_default=True,
                      help="routed: each expert runs on the tokens routed to it (k of E); dense: every token."),
+        *PARALLEL_OPTIONS,
         click.option("--json", "as_json", is_flag=True, help="Print the costlens.plan/1 JSON document."),
+        click.option("--recipe", type=click.Path(dir_okay=False),
+                     help="A YAML or JSON file of Hugging Face TrainingArguments (batch, max_length, bf16/fp16, "
+                          "gradient_checkpointing, optim, ...); options given here win over it."),
     ]):
         command = decorator(command)
     return command
 
 
-def _setup(options: dict):
+def _setup(options: dict, recipe=None):
     from costlens.plans import Setup
+    from costlens.recipe import merge_setup
     values = {k: options[k] for k in SETUP_KEYS if k in options}
+    values = merge_setup(values, recipe, _given_on_command_line(SETUP_KEYS))
     values["optimizer_impl"] = values["optimizer_impl"] or ("foreach" if values["gpu"] else "for-loop")
+    values.update(_parallel_values(options))
     return Setup(**values)
 
 
+def _given_on_command_line(keys) -> set[str]:
+    from click.core import ParameterSource
+    context = click.get_current_context()
+    return {key for key in keys if context.get_parameter_source(key) is ParameterSource.COMMANDLINE}
+
+
+def _recipe(options: dict):
+    """The --recipe file, read (None without one)."""
+    from costlens.recipe import load_recipe
+    return load_recipe(options["recipe"]) if options.get("recipe") else None
+
+
 def _run_plans(model, plans: list, setup, as_json: bool, html_path: str | None = None,
-               validate_on: str | None = None) -> None:
-    """model: a loaded Model; plans: (spec text, Plan) pairs; validate_on: a device to measure on."""
+               validate_on: str | None = None, recipe=None) -> None:
+    """model: a loaded Model; plans: (spec text, Plan) pairs; validate_on: a device to measure on;
+    recipe: the --recipe file read (recorded in the document and under the table)."""
     from costlens.estimate import estimate
     from costlens.render.plan import plan_document, plan_text
 
@@ -89,10 +147,13 @@ def _run_plans(model, plans: list, setup, as_json: bool, html_path: str | None =
     document = plan_document(model, results)
     if validate_on:
         _attach_validation(document, model, plans, setup, validate_on)
+    if recipe is not None:
+        document["recipe"] = recipe.document()
     if html_path:
         from costlens.cli_ci import write_html
         write_html(document, html_path)
-    click.echo(json.dumps(document, indent=2) if as_json else plan_text(document))
+    text = "\n".join([plan_text(document), *(recipe.lines() if recipe is not None else [])])
+    click.echo(json.dumps(document, indent=2) if as_json else text)
 
 
 PLAN_OPTION_KEYS = ("train", "freeze", "lora", "rank", "alpha", "lora_dropout", "stop_grad", "dropout", "stack_ffn",
@@ -116,14 +177,26 @@ def plan_options(command):
         click.option("--stack-ffn", help="N extra FFN sublayers (own norm and residual) after each block's FFN; "
                                          "--train stacked trains only them."),
         click.option("--stack-ffn-width", help="Width of the stacked FFN sublayers [default: the block FFN's]."),
+        click.option("--peft", type=click.Path(),
+                     help="A PEFT adapter_config.json (or its folder): its LoRA targets, ranks, dropout and "
+                          "modules_to_save as the plan (instead of --lora/--rank/--alpha/--lora-dropout)."),
     ]):
         command = decorator(command)
     return command
 
 
-def _plan(options: dict):
-    """(spec text, Plan) from the plan options of a command."""
+def _plan(options: dict, model=None, source: str | None = None):
+    """(spec text, Plan) from the plan options of a command; with --peft, the adapter config's
+    plan on ``model`` (a loaded Model; ``source`` its MODEL argument)."""
     from costlens.plans import plan_from_options
+    peft = options.pop("peft", None)
+    if peft:
+        from costlens.peft_config import peft_plan_with_options
+        values = {key: options.pop(key) for key in PLAN_OPTION_KEYS}
+        spec, chosen, notes = peft_plan_with_options(peft, model, source, values)
+        for note in notes:
+            click.echo(f"costlens: note: {note}", err=True)
+        return spec, chosen
     values = {key: options.pop(key) for key in PLAN_OPTION_KEYS}
     spec = ";".join(f"{key.replace('_', '-')}={value}" for key, value in values.items() if value) or "full"
     return spec, plan_from_options(spec, **values)
@@ -147,14 +220,19 @@ def _attach_validation(document: dict, model, plans: list, setup, device: str) -
 @plan_options
 @setup_options
 @TRACER
+@REVISION
 @friendly_errors
-def plan(model, as_json, tracer, **options) -> None:
-    """Price one fine-tuning plan of MODEL (an .onnx file, a config.json or model folder, or an
-    import spec): parameters, memory and FLOPs of a training step."""
-    from costlens.api import load
-
-    chosen = _plan(options)
-    _run_plans(load(model, tracer=tracer), [chosen], _setup(options), as_json)
+def plan(model, as_json, tracer, revision, **options) -> None:
+    """Price one fine-tuning plan of MODEL (an .onnx file, a config.json or model folder, an
+    import spec, or a Hugging Face Hub id): parameters, memory and FLOPs of a training step."""
+    recipe = _recipe(options)
+    setup = _setup(options, recipe)
+    if not options.get("peft"):
+        chosen = _plan(options)                 # a bad plan fails before the model is traced
+    loaded = _load(model, tracer, revision)
+    if options.get("peft"):
+        chosen = _plan(options, loaded, model)
+    _run_plans(loaded, [chosen], setup, as_json, recipe=recipe)
 
 
 @main.command()
@@ -178,14 +256,25 @@ def validate(model, device, tolerance, inference, as_json, **options) -> None:
     from costlens.measure.validate import validate_onnx, validate_torch
     from costlens.render.validate import validation_document, validation_text
 
-    spec, chosen = _plan(options)
+    if options.get("peft"):
+        from costlens.api import load
+        spec, chosen = _plan(options, load(model), model)
+    else:
+        spec, chosen = _plan(options)
     if options["optimizer_impl"] is None and device == "cuda":
         options["optimizer_impl"] = "foreach"           # torch's default on CUDA
-    setup = _setup(options)
+    setup = _setup(options, _recipe(options))
     if device == "cuda" and not _cuda_available():
         raise CostlensError("--device cuda: no CUDA device is available here")
     progress = lambda message: click.echo(f"costlens: {message}...", err=True)  # noqa: E731
-    if model.lower().endswith(".onnx"):
+    if setup.gpus > 1:
+        from costlens.measure.distributed import validate_distributed
+        if device != "cpu":
+            raise CostlensError("validate --gpus runs gloo ranks on the CPU (--device cpu)")
+        result, _, _ = validate_distributed(model, chosen, setup, setup.gpus, setup.shard, setup.tp,
+                                            tolerance=tolerance if _given_on_command_line(("tolerance",)) else 0.03,
+                                            progress=progress)
+    elif model.lower().endswith(".onnx"):
         result = validate_onnx(model, chosen, setup, device=device, tolerance=tolerance, inference=inference,
                                progress=progress)
     else:
@@ -214,19 +303,21 @@ def _cuda_available() -> bool:
               help="Also measure each plan on this device and attach the errors (torch extra; minutes on big models).")
 @setup_options
 @TRACER
+@REVISION
 @friendly_errors
-def compare(model, plans_file, plans, html_path, validate_on, as_json, tracer, **setup) -> None:
+def compare(model, plans_file, plans, html_path, validate_on, as_json, tracer, revision, **setup) -> None:
     """Price several plans of MODEL side by side (default: a set that fits the model)."""
-    from costlens.api import load
     from costlens.estimate import default_plans
     from costlens.plans import load_plans_file, parse_plan_spec
 
-    loaded = load(model, tracer=tracer)
+    recipe = _recipe(setup)
+    setup_values = _setup(setup, recipe)
+    loaded = _load(model, tracer, revision)
     chosen = load_plans_file(plans_file) if plans_file else []
     chosen += [(spec, parse_plan_spec(spec)) for spec in plans]
     if not chosen:
         chosen = [(spec, parse_plan_spec(spec)) for spec in default_plans(loaded)]
-    _run_plans(loaded, chosen, _setup(setup), as_json, html_path, validate_on)
+    _run_plans(loaded, chosen, setup_values, as_json, html_path, validate_on, recipe)
 
 
 @main.command()
@@ -245,6 +336,10 @@ def export(source: str, output: str) -> None:
 from costlens.cli_ci import register  # noqa: E402  (cli_ci never imports cli)
 
 register(main)
+
+from costlens.cli_fit import register as register_fit  # noqa: E402  (it reads cli only inside register)
+
+register_fit(main)
 
 if __name__ == "__main__":
     main()

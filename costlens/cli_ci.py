@@ -8,8 +8,11 @@ Exit codes: 0 ok; 1 a budget limit is exceeded; 2 bad input (one line on stderr)
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -24,11 +27,36 @@ def write_html(document: dict, path: str | Path, verdicts=(), gpu: str | None = 
     """Render a costlens.plan/1 document (with budget verdicts, if any) to one HTML file."""
     from costlens.render.html import render_html
 
-    page = render_html(document, tuple(verdicts), gpu)
+    write_atomic(path, render_html(document, tuple(verdicts), gpu))
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and
+    ``os.replace``: a failing or interrupted run never leaves a half-written file, and an
+    older file at ``path`` stays whole until the new one is complete."""
+    path = Path(path)
+    data = text.encode("utf-8")           # before any file exists: an encoding error leaves nothing
     try:
-        Path(path).write_text(page, encoding="utf-8")
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise CostlensError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())     # mkstemp's 0600 is for secrets
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(e, OSError):
+            raise CostlensError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_plan_document(path: str) -> dict:
@@ -61,14 +89,24 @@ def report(result: str, output: str, gpu: str | None, budget: str | None) -> Non
     """Render RESULT.json (saved `costlens compare --json` output; '-' reads stdin) as one HTML page."""
     from costlens.budgets import judge, load_budget
 
+    from costlens.render.html import render_html
+    from costlens.render.plan import PLAN_SCHEMA
+
     document = read_plan_document(result)
     verdicts = ()
-    if budget:
-        parsed = load_budget(budget)
-        _same_setup(parsed, document, result)
-        verdicts = judge(parsed, document)
-        gpu = gpu or parsed.gpu
-    write_html(document, output, verdicts, gpu)
+    parsed = load_budget(budget) if budget else None
+    try:
+        if parsed:
+            _same_setup(parsed, document, result)
+            verdicts = judge(parsed, document)
+            gpu = gpu or parsed.gpu
+        page = render_html(document, tuple(verdicts), gpu)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        # a saved document someone edited (or another program wrote): name the broken field
+        what = f"field {e.args[0]!r} is missing" if isinstance(e, KeyError) and e.args else f"a field has the wrong type ({e})"
+        raise CostlensError(f"{result}: not a well-formed {PLAN_SCHEMA} document: {what}; "
+                            "give the output of `costlens compare --json`") from None
+    write_atomic(output, page)
     click.echo(f"wrote {output}")
 
 
@@ -116,14 +154,15 @@ def check(model: str, budget: str, output_format: str, output: str | None, html_
                "junit": lambda: render.check_junit(verdicts, model, budget),
                "markdown": lambda: render.check_markdown(verdicts, model, budget)}
     text = writers[output_format]()
+    page = None
+    if html_path:        # rendered before anything is written: a failure leaves no file
+        from costlens.render.html import render_html
+        page = render_html(document, tuple(verdicts), parsed.gpu)
     if output:
-        try:
-            Path(output).write_text(text + "\n", encoding="utf-8")
-        except OSError as e:
-            raise CostlensError(f"cannot write {output}: {e.strerror or e}") from None
+        write_atomic(output, text + "\n")
         text = writers["text"]()
-    if html_path:
-        write_html(document, html_path, verdicts, parsed.gpu)
+    if page is not None:
+        write_atomic(html_path, page)
     click.echo(text)
     if not all(v.passed for v in verdicts):
         sys.exit(EXIT_OVER_BUDGET)

@@ -2,6 +2,7 @@
 become ``costlens: error: ...`` on stderr and exit code 2; ``--debug`` shows the traceback."""
 from __future__ import annotations
 
+import re
 import sys
 from functools import wraps
 
@@ -12,8 +13,22 @@ from costlens.errors import CostlensError
 EXIT_BAD_INPUT = 2
 
 
+MAX_MESSAGE_CHARS = 600
+# C0/C1 controls (newlines, ANSI escapes), DEL and the bidi overrides that reorder a terminal line
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A message safe to print as one terminal line: control characters shown as escapes
+    (a model's names may hold newlines or ANSI sequences), the middle of a long one elided."""
+    message = _UNPRINTABLE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), str(message))
+    if len(message) > limit:
+        message = f"{message[:limit // 2]} [... {len(message) - limit:,} characters ...] {message[-limit // 3:]}"
+    return message
+
+
 def fail(message: str) -> None:
-    click.echo(f"costlens: error: {message}", err=True)
+    click.echo(f"costlens: error: {one_line(message)}", err=True)
     sys.exit(EXIT_BAD_INPUT)
 
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from costlens.api import Model
-from costlens.errors import PlanError
+from costlens.errors import PlanError, StructureError
 from costlens.ir import FLOAT_DTYPES
 from costlens.plans import LORA_TARGETS, Plan, select
 from costlens.roles.types import ParamUse, Role
+
+
+# Parameter kinds LoRA never adapts: vectors and tables, not linear maps (PEFT targets linears)
+NOT_ADAPTED = frozenset({"bias", "norm", "token", "position", "sink"})
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,11 @@ def expert_token_share(model: Model) -> dict[int, float]:
     share = {}
     for use in model.roles.params:
         router = routers.get(use.layer)
-        if use.role is Role.EXPERTS and use.kind != "expert_weight" and router and router.top_k:
+        # a gathered (batched) expert product already runs only the routed (token, expert) pairs
+        if use.role is Role.EXPERTS and use.kind != "expert_weight" and not use.via and router and router.top_k:
+            if router.n_experts <= 0:    # the router's width was not inferred (a broken graph)
+                raise StructureError(f"the router of layer {router.layer} has no known number of experts "
+                                     "(its output width is not inferred); routed experts cannot be priced")
             share[index_of[use.site]] = router.top_k / router.n_experts
     return share
 
@@ -115,15 +123,17 @@ def trainable_keys(model: Model, plan: Plan) -> set[str]:
 def lora_adapters(model: Model, plan: Plan, bindings: dict[str, int]) -> list[Adapter]:
     adapters: list[Adapter] = []
     index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
+    adapted: set[str] = set()
     for target in plan.lora:
         if target not in LORA_TARGETS:
             raise PlanError(f"LoRA target {target!r} is not a linear role (choose from {', '.join(LORA_TARGETS)})")
         rank = plan.rank_for(target)
+        chosen = select(model.roles.params, target, model.roles)
         for use in model.roles.params:
-            if use.key not in select(model.roles.params, target, model.roles) or use.kind == "bias":
+            # one adapter per weight, however many targets name it (a packed qkv under q and v)
+            if use.key not in chosen or use.key in adapted or use.kind in NOT_ADAPTED or use.tied_to:
                 continue
-            if use.kind in ("norm", "token", "position") or use.tied_to:
-                continue
+            adapted.add(use.key)
             site = index_of[use.site]
             d_in, d_out = _linear_dims(model, site, use)
             adapters.append(Adapter(use.key, use.role, site, rank, d_in, d_out, use.n_experts))

@@ -6,6 +6,8 @@ validation against a model live here; pricing lives in estimate.py.
 """
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -74,6 +76,13 @@ class Setup:
     mfu: float = 0.4
     moe_dispatch: str = "routed"         # "routed": experts see their k/E of the tokens; "dense": all tokens
     device: str = "cuda"                 # where the step runs: torch's kernels differ (dropout masks)
+    # parallel layout (costlens/parallel/): per-rank figures when gpus > 1; batch is per data-parallel rank
+    gpus: int = 1
+    shard: str = "none"                  # none | ddp | zero1 | zero2 | zero3 (docs/distributed.md)
+    tp: int = 1                          # tensor-parallel ranks (heads and FFN width split)
+    ep: int = 1                          # expert-parallel ranks
+    offload: str | None = None           # None | "optimizer" | "params"
+    bandwidth: float = 100.0             # GB/s per rank, for the communication time
 
 
 # --------------------------------------------------------------------------- parsing
@@ -132,13 +141,16 @@ def plan_from_options(name: str, train=None, freeze=None, lora=None, rank=None, 
     plan = Plan(
         name=name, train=split_list(train), freeze=split_list(freeze), lora=split_list(lora),
         ranks=MappingProxyType(ranks), rank=default_rank or 8,
-        alpha=float(alpha) if alpha else 16.0,
+        alpha=_alpha(alpha),
         lora_dropout=_fraction(lora_dropout, "lora-dropout"), dropout=_fraction(dropout, "dropout"),
         stack_ffn=_count(stack_ffn, "stack-ffn"),
         stack_ffn_width=_positive_int(str(stack_ffn_width), "stack-ffn-width") if stack_ffn_width else None,
         stop_grad=split_list(stop_grad),
     )
     return plan
+
+
+MAX_STACKED = 1024        # extra FFN sublayers per block; far beyond any model, and each is priced
 
 
 def _count(text, what: str) -> int:
@@ -150,6 +162,20 @@ def _count(text, what: str) -> int:
         raise PlanError(f"--{what}: {text!r} is not a whole number") from None
     if value < 0:
         raise PlanError(f"--{what}: must be >= 0, got {value}")
+    if value > MAX_STACKED:
+        raise PlanError(f"--{what}: {value} is absurd (at most {MAX_STACKED})")
+    return value
+
+
+def _alpha(text) -> float:
+    if not text:
+        return 16.0
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise PlanError(f"alpha: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise PlanError(f"alpha: must be a finite number, got {text!r}")
     return value
 
 
@@ -182,14 +208,24 @@ def load_plans_file(path: str) -> list[tuple[str, Plan]]:
             document = tomllib.load(handle)
     except FileNotFoundError:
         raise PlanError(f"{path}: no such plans file") from None
+    except IsADirectoryError:
+        raise PlanError(f"{path}: is a directory, not a plans file") from None
+    except OSError as e:
+        raise PlanError(f"{path}: cannot read the plans file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{path}: not UTF-8 text (byte {e.start}): not a TOML plans file") from None
     except tomllib.TOMLDecodeError as e:
         raise PlanError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise PlanError(f"{path}: not a plans file (arrays or tables nested too deeply)") from None
     tables = document.get("plan")
-    if not isinstance(tables, list) or not tables:
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
         raise PlanError(f"{path}: expected one or more [[plan]] tables")
     plans = []
     for number, table in enumerate(tables, 1):
         name = table.get("name") or f"plan{number}"
+        if not isinstance(name, str):
+            raise PlanError(f"{path}: [[plan]] {number}: name must be a string, got {name!r}")
         if "spec" in table:
             extra = sorted(set(table) - {"name", "spec"})
             if extra:
@@ -219,6 +255,11 @@ def check_setup(setup: Setup) -> Setup:
         raise PlanError(f"unknown MoE dispatch {setup.moe_dispatch!r} (routed or dense)")
     if setup.batch <= 0 or (setup.seq is not None and setup.seq <= 0):
         raise PlanError("batch and seq must be positive")
+    if (setup.gpus, setup.shard, setup.tp, setup.ep, setup.offload) != (1, "none", 1, 1, None):
+        from costlens.parallel import check_parallel
+        check_parallel(setup.gpus, setup.shard, setup.tp, setup.ep, setup.offload)
+    if setup.bandwidth <= 0:
+        raise PlanError("--bandwidth must be positive (GB/s)")
     return setup
 
 

@@ -1,9 +1,10 @@
 """Which storages autograd keeps for backward in one training step, and their sizes.
 
-The per-op rules (ops/saved.py) name tensors; this module maps them to storages (views
-share their base's storage), sizes them at the plan's batch and seq and precision, and adds
-what the graph does not show: LoRA's inner products and dropped copies, training dropout's
-masks, a fused attention kernel's statistics, routed MoE's per-expert copies.
+The per-op rules (ops/registry.py, read through ops/saved.py) name tensors; this module maps
+them to storages (views share their base's storage), sizes them at the plan's batch and seq
+and precision, and adds what the graph does not show: LoRA's inner products and dropped
+copies, training dropout's masks, a fused attention kernel's statistics, routed MoE's
+per-expert copies.
 """
 from __future__ import annotations
 

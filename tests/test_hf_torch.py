@@ -93,10 +93,13 @@ def apply_default_plan(module, plan_name: str):
     elif plan_name == "lora-attn-router-experts":
         routers = _linear_modules(module, {"router"})
         experts = _linear_modules(module, {"experts"})
-        parameters = [n.removesuffix(".weight") if False else n for n in _expert_tensors(module)]
+        parameters = _expert_tensors(module)
         modules = _linear_modules(module, {"attention"}) + routers + experts
-        rank_pattern = {re.escape(m) + "$": 4 for m in routers + experts}
-        rank_pattern.update({re.escape(p.rsplit(".", 1)[-1]): 4 for p in parameters})
+        # PEFT matches rank_pattern keys against the end of each module / parameter name; a router
+        # that is not an nn.Linear (Mixtral's MixtralTopKRouter) is adapted as the parameter
+        # "<router>.weight", so its key must name the weight
+        rank_pattern = {re.escape(name.rsplit(".", 1)[-1]): 4 for name in routers + experts + parameters}
+        rank_pattern.update({re.escape(name.rsplit(".", 1)[-1] + ".weight"): 4 for name in routers})
     else:
         raise AssertionError(f"no torch recipe for default plan {plan_name!r}")
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=modules,

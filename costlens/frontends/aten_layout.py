@@ -129,6 +129,14 @@ def _slice(b, c):
     return emit(b, c, "Slice", [x, *bounds, b.ints([dim]), b.ints([step])])
 
 
+@lowers("aten.slice_scatter", "aten.select_scatter")
+def _slice_scatter(b, c):
+    # x[..., a:b] = src, functionalized: torch.onnx writes it as ScatterND (data flows from both
+    # x and src; no arithmetic). The index tensor only stands for the written positions.
+    x, src = c.arg("self"), c.arg("src")
+    return emit(b, c, "ScatterND", [x, b.ints([0]), tensor(b, src, x.dtype)], {"reduction": "none"})
+
+
 @lowers("aten.narrow")
 def _narrow(b, c):
     x, dim, start, length = c.arg("self"), c.arg("dim"), c.arg("start"), c.arg("length")

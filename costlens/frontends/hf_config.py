@@ -22,7 +22,7 @@ import sys
 import types
 from pathlib import Path
 
-from costlens.errors import CostlensError
+from costlens.errors import AbsurdModelError, CostlensError
 
 
 class ConfigError(CostlensError):
@@ -51,11 +51,14 @@ def read_config(source: str | os.PathLike):
     if not file.is_file():
         raise ConfigError(f"{source}: no config.json found" if path.is_dir() else f"{source}: no such file")
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{file}: not a readable JSON config ({e})") from e
+    except RecursionError:
+        raise ConfigError(f"{file}: not a Hugging Face config (JSON nested too deeply)") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise ConfigError(f"{file}: not a Hugging Face config (no model_type)")
+    check_config(data, file)
     transformers = transformers_offline()
     model_type = data.pop("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
@@ -65,6 +68,53 @@ def read_config(source: str | os.PathLike):
         return transformers.AutoConfig.for_model(model_type, **data)
     except Exception as e:  # noqa: BLE001 - a malformed config, reported in one line
         raise ConfigError(f"{file}: invalid {model_type} config ({type(e).__name__}: {e})") from e
+
+
+# Sizes a config declares, checked before transformers sees them: a model is built on the meta
+# device, but a 10**7-layer config still builds 10**7 modules and 10**12-wide ones overflow.
+# Keys a config must give as a positive whole number (when present and not null) ...
+POSITIVE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
+                  "n_embd", "n_layer", "n_head", "d_model", "num_key_value_heads", "head_dim", "n_inner",
+                  "max_position_embeddings", "n_positions", "num_experts_per_tok", "moe_intermediate_size")
+# ... and counts that may be 0 (no shared experts, dense layers first)
+COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "n_shared_experts",
+          "shared_expert_intermediate_size", "first_k_dense_replace")
+MAX_LAYERS = 1024        # published models have at most a few hundred blocks
+MAX_DIM, MAX_ELEMENTS = 2**40, 2**45    # as the ONNX front end (costlens.frontends.onnx)
+
+
+def check_config(data: dict, file) -> None:
+    """Refuse what a config must never be: custom code, a model_type that is not a name,
+    sizes that are not whole numbers or are absurd (AbsurdModelError)."""
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{file}: model_type must be a string, got {model_type!r}")
+    if data.get("auto_map") is not None:
+        names = data["auto_map"] if isinstance(data["auto_map"], dict) else {}
+        raise ConfigError(f"{file}: the config names custom code (auto_map: {', '.join(map(str, names)) or '?'}); "
+                          "costlens never runs a model's own code")
+    for key in POSITIVE_SIZES + COUNTS:
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{file}: {key} must be a whole number, got {value!r}")
+        smallest = 1 if key in POSITIVE_SIZES else 0
+        if value < smallest or value > MAX_DIM:
+            raise AbsurdModelError(f"{file}: absurd {key} = {value}")
+    heads = data.get("num_attention_heads") or data.get("n_head")
+    width = data.get("hidden_size") or data.get("n_embd") or data.get("d_model") or 0
+    if heads and width and heads > width:
+        raise AbsurdModelError(f"{file}: absurd config: {heads} attention heads for a hidden size of {width}")
+    if heads and data.get("num_key_value_heads") and data["num_key_value_heads"] > heads:
+        raise AbsurdModelError(f"{file}: absurd config: {data['num_key_value_heads']} key/value heads "
+                               f"for {heads} attention heads")
+    layers = data.get("num_hidden_layers") or data.get("n_layer") or 0
+    if layers > MAX_LAYERS:
+        raise AbsurdModelError(f"{file}: absurd number of layers ({layers}; at most {MAX_LAYERS})")
+    for key in ("vocab_size", "intermediate_size", "moe_intermediate_size"):
+        if isinstance(data.get(key), int) and width * data[key] > MAX_ELEMENTS:
+            raise AbsurdModelError(f"{file}: absurd size: {key} x hidden size = {width * data[key]:,} elements")
 
 
 def build_model(config, source: str = "config"):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
@@ -25,6 +27,7 @@ from costlens.ir import BATCH, SEQ, Constant, Graph, Node, Tensor, frozen_map
 MAX_DIM = 2**40
 MAX_ELEMENTS = 2**45
 SMALL_VALUE_LIMIT = 64
+MAX_LOCATION_CHARS = 4096       # PATH_MAX on Linux; a longer location names no file
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 _DTYPE_NAMES = {
@@ -36,8 +39,15 @@ _DTYPE_NAMES = {
 }
 
 
-def dtype_name(elem_type: int) -> str:
-    return _DTYPE_NAMES.get(elem_type, TensorProto.DataType.Name(elem_type).lower())
+def dtype_name(elem_type: int, what: str = "a tensor") -> str:
+    """The dtype's name; an element type ONNX does not define is a corrupted model."""
+    if elem_type in _DTYPE_NAMES:
+        return _DTYPE_NAMES[elem_type]
+    try:
+        return TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        raise ModelFormatError(f"{what} has element type {elem_type}, which ONNX does not define "
+                               "(corrupted model?)") from None
 
 
 # --------------------------------------------------------------------------- reading
@@ -59,7 +69,50 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelFormatError(f"{path}: not an ONNX model (no IR version or opset)")
     if len(model.graph.node) == 0:
         raise ModelFormatError(f"{path}: the ONNX graph is empty (no nodes)")
+    if len(model.graph.output) == 0:
+        raise ModelFormatError(f"{path}: the ONNX graph has no outputs (nothing is computed)")
+    _check_text(model, path)
     return model
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_unprintable(text: str) -> str:
+    return _UNPRINTABLE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
+
+def _check_text(model: onnx.ModelProto, path: Path) -> None:
+    """Every string field (names, op types, domains, external-data locations) is text, and
+    names hold no control characters.
+
+    The upb protobuf runtime hands a string field holding invalid UTF-8 back as ``bytes``
+    (a bit-flipped file); everything downstream expects ``str``. Names with newlines, ANSI
+    escapes or bidi overrides would reach the terminal and the reports: they are rewritten
+    with visible escapes (``\\x1b``), consistently, so the graph stays connected.
+    External-data locations are kept exactly (they are file names). Walked with a stack,
+    not recursion: subgraphs nest."""
+    stack = [model]
+    while stack:
+        message = stack.pop()
+        for field, value in message.ListFields():
+            if field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+                continue
+            repeated = not (isinstance(value, (str, bytes)) or hasattr(value, "DESCRIPTOR"))
+            values = value if repeated else (value,)
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                if field.name != "external_data":
+                    stack.extend(values)
+                continue
+            for i, text in enumerate(values):
+                if not isinstance(text, str):
+                    raise ModelFormatError(f"{path}: corrupted ONNX model: the {field.name} of a "
+                                           f"{message.DESCRIPTOR.name} is not UTF-8 text ({bytes(text[:40])!r})")
+                if _UNPRINTABLE.search(text):
+                    if repeated:
+                        value[i] = _escape_unprintable(text)
+                    else:
+                        setattr(message, field.name, _escape_unprintable(text))
 
 
 def external_location(tensor: TensorProto) -> str | None:
@@ -72,11 +125,64 @@ def external_location(tensor: TensorProto) -> str | None:
 def resolve_external_path(model_dir: str | os.PathLike, location: str) -> Path:
     """The file an external-data location names, refusing any path that leaves the model's
     folder (the onnx path-traversal CVEs). For stages that must read weights."""
+    if not isinstance(location, str) or "\x00" in location or len(location) > MAX_LOCATION_CHARS:
+        raise UnsafePathError(f"external data path {_short(str(location))!r} is not a usable file name "
+                              "(a NUL byte, or longer than any file system allows)")
     base = Path(model_dir).resolve()
     target = (base / location).resolve()
     if os.path.isabs(location) or (target != base and base not in target.parents):
-        raise UnsafePathError(f"external data path {location!r} leaves the model's folder {base}")
+        raise UnsafePathError(f"external data path {_short(location)!r} leaves the model's folder {base}")
     return target
+
+
+def _short(name: str, limit: int = 80) -> str:
+    """A name as an error message quotes it: at most ``limit`` characters."""
+    return name if len(name) <= limit else f"{name[:limit // 2]}...{name[-limit // 4:]} ({len(name):,} characters)"
+
+
+def read_external_tensor(tensor: TensorProto, model_dir: str | os.PathLike) -> None:
+    """Load an external initializer's bytes into ``tensor.raw_data``, for stages that need
+    weights: only from a regular file inside the model's folder (``resolve_external_path``),
+    with the offset and length checked against the file and the tensor's size."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    location, name = entries.get("location", ""), _short(tensor.name)
+    target = resolve_external_path(model_dir, location)
+    try:
+        offset = int(entries.get("offset") or 0)
+        length = int(entries["length"]) if entries.get("length") else None
+    except ValueError:
+        raise ModelFormatError(f"initializer {name!r}: external-data offset or length is not a number") from None
+    if not target.is_file():
+        raise ModelFormatError(f"initializer {name!r}: external-data file {_short(location)!r} is not a file "
+                               "in the model's folder")
+    size = target.stat().st_size
+    end = size if length is None else offset + length
+    if offset < 0 or end < offset or end > size:
+        raise ModelFormatError(f"initializer {name!r}: external data [{offset}, {end}) lies outside "
+                               f"{_short(location)!r} ({size:,} bytes)")
+    expected = _n_bytes(tensor)
+    if expected is not None and expected != end - offset:
+        raise ModelFormatError(f"initializer {name!r}: {end - offset:,} bytes of external data for "
+                               f"{expected:,} bytes of {dtype_name(tensor.data_type)} {list(tensor.dims)}")
+    with open(target, "rb") as handle:
+        handle.seek(offset)
+        tensor.raw_data = handle.read(end - offset)
+    tensor.data_location = TensorProto.DEFAULT
+    del tensor.external_data[:]
+
+
+def _n_bytes(tensor: TensorProto) -> int | None:
+    """Bytes a tensor's data takes (None: a dtype without a fixed item size)."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    if tensor.data_type in (TensorProto.STRING, TensorProto.INT4, TensorProto.UINT4):
+        return None
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * itemsize
 
 
 # --------------------------------------------------------------------------- constants
@@ -93,14 +199,15 @@ def _check_dims(what: str, dims) -> None:
 
 def _constant_from(tensor: TensorProto, name: str, model_dir: Path, warnings: list) -> Constant:
     dims = tuple(int(d) for d in tensor.dims)
-    _check_dims(f"initializer {name!r}", dims)
+    _check_dims(f"initializer {_short(name)!r}", dims)
     location = external_location(tensor)
     if location is not None:
         try:
             resolve_external_path(model_dir, location)
         except UnsafePathError as e:
             warnings.append(f"initializer {name!r}: {e}; it will never be read")
-    return Constant(name=name, shape=dims, dtype=dtype_name(tensor.data_type), external=location)
+    return Constant(name=name, shape=dims, dtype=dtype_name(tensor.data_type, f"initializer {name!r}"),
+                    external=location)
 
 
 def _small_value(tensor: TensorProto) -> tuple[int, ...] | None:
@@ -113,7 +220,11 @@ def _small_value(tensor: TensorProto) -> tuple[int, ...] | None:
         n *= d
     if n > SMALL_VALUE_LIMIT:
         return None
-    return tuple(int(v) for v in numpy_helper.to_array(tensor).reshape(-1))
+    try:
+        return tuple(int(v) for v in numpy_helper.to_array(tensor).reshape(-1))
+    except ValueError:     # raw_data / int fields of another size than dims declare
+        raise ModelFormatError(f"constant {_short(tensor.name)!r}: its data does not match its dims "
+                               f"{list(tensor.dims)} (corrupted model?)") from None
 
 
 # --------------------------------------------------------------------------- nodes
@@ -171,7 +282,7 @@ def topological_order(model: onnx.ModelProto, available: set[str]) -> list[int]:
             if not name or name in available:
                 continue
             if name not in producers:
-                raise ModelFormatError(f"node {node.name or node.op_type!r} reads tensor {name!r} that nothing produces")
+                raise ModelFormatError(f"node {_short(node.name or node.op_type)!r} reads tensor {_short(name)!r} that nothing produces")
             waiting[i] += 1
             dependents.setdefault(producers[name], []).append(i)
     ready = [i for i, count in enumerate(waiting) if count == 0]
@@ -185,7 +296,7 @@ def topological_order(model: onnx.ModelProto, available: set[str]) -> list[int]:
                 ready.append(j)
     if len(order) != len(nodes):
         stuck = next(i for i, count in enumerate(waiting) if count > 0)
-        raise ModelFormatError(f"the graph has a cycle through node {nodes[stuck].name or nodes[stuck].op_type!r}")
+        raise ModelFormatError(f"the graph has a cycle through node {_short(nodes[stuck].name or nodes[stuck].op_type)!r}")
     # Keep the file's order where it is already valid: stable and familiar to the user.
     return list(range(len(nodes))) if _is_valid_order(model, available) else order
 
@@ -235,7 +346,24 @@ def _check_input_dims(model: onnx.ModelProto) -> None:
     for value in model.graph.input:
         for dim in value.type.tensor_type.shape.dim:
             if dim.HasField("dim_value") and (dim.dim_value < 0 or dim.dim_value > MAX_DIM):
-                raise AbsurdModelError(f"absurd dimension {dim.dim_value} in graph input {value.name!r}")
+                raise AbsurdModelError(f"absurd dimension {dim.dim_value} in graph input {_short(value.name)!r}")
+
+
+_FLOAT_TYPES = frozenset(("float32", "float16", "bfloat16", "float64"))
+
+
+def _check_inferred_dims(tensors: dict) -> None:
+    """Activations whose inferred dims are negative, zero or astronomical come from a broken
+    graph (corrupted shape constants); refused here, before any cost is computed."""
+    for info in tensors.values():
+        if info.dtype not in _FLOAT_TYPES or not info.shape:
+            continue
+        for dim in info.shape:
+            # a zero dim is legitimate (Phi-3's empty pass-through slice q[..., 64:] under full rotary)
+            if isinstance(dim, int) and (dim < 0 or dim > MAX_DIM):
+                what = f"the absurd dimension {dim}"
+                raise AbsurdModelError(f"tensor {_short(info.name)!r} has {what} after shape inference "
+                                       "(corrupted shape constants?)")
 
 
 # --------------------------------------------------------------------------- shapes
@@ -279,10 +407,33 @@ def _symbolic_shape_inference():
 _SSI = None
 
 
+def _run_symbolic(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``SymbolicShapeInference.infer_shapes`` (auto_merge, guess_output_rank) without its
+    side effect: when shapes stay incomplete, onnxruntime's version saves the model as
+    ``sym_shape_infer_temp.onnx`` plus an external-data file into the current directory.
+    Here an incomplete result is None (the caller falls back)."""
+    inference_class = _symbolic_shape_inference()
+    opsets = [o.version for o in model.opset_import if o.domain in ("", "onnx", "ai.onnx")]
+    if not opsets or opsets[0] < 7:
+        return None
+    inference = inference_class(2**31 - 1, True, True, 0)
+    # onnxruntime's pass knows ReduceSum's and ReduceMean's axes input but not ReduceMax's
+    # (opset 18 moved every reduction's axes to an input): gpt-oss's sink softmax subtracts a
+    # row max, and an unknown rank there stops the whole pass.
+    for op in ("ReduceMax", "ReduceMin", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp", "ReduceL1"):
+        inference.dispatcher_.setdefault(op, inference._infer_ReduceSum)
+    inference._preprocess(model)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    return inference.out_mp_ if complete else None
+
+
 def infer_shapes(model: onnx.ModelProto, warnings: list) -> onnx.ModelProto:
     prepared = _graph_for_inference(model)
     try:
-        inferred = _symbolic_shape_inference().infer_shapes(prepared, auto_merge=True, guess_output_rank=True)
+        inferred = _run_symbolic(prepared)
         if inferred is not None:
             return inferred
         warnings.append("symbolic shape inference gave up; fell back to ONNX shape inference")
@@ -306,7 +457,7 @@ def _dim_of(dim) -> int | str:
 def _tensor_of(value: onnx.ValueInfoProto) -> Tensor:
     tensor_type = value.type.tensor_type
     shape = tuple(_dim_of(d) for d in tensor_type.shape.dim) if tensor_type.HasField("shape") else None
-    return Tensor(name=value.name, shape=shape, dtype=dtype_name(tensor_type.elem_type))
+    return Tensor(name=value.name, shape=shape, dtype=dtype_name(tensor_type.elem_type, f"tensor {_short(value.name)!r}"))
 
 
 # --------------------------------------------------------------------------- entry
@@ -350,6 +501,7 @@ def load_onnx(path: str | os.PathLike) -> Graph:
             attrs=frozen_map(_attrs_of(proto)), scope=_scope_of(proto),
         ))
     tensors = {name: info for name, info in tensors.items() if name not in constants}
+    _check_inferred_dims(tensors)
     return Graph(
         nodes=tuple(nodes), tensors=frozen_map(tensors), constants=frozen_map(constants),
         inputs=graph_inputs, outputs=tuple(v.name for v in graph.output), source=str(path),

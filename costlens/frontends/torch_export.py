@@ -160,7 +160,17 @@ def export_program(module: nn.Module, example_inputs=None, *, source: str = "mod
             raise TraceError(f"{source}: torch.export could not trace the model ({type(e).__name__}: "
                              f"{_first_line(e)})") from e
     _check_dynamic(program, source)
+    if _writes_into_views(program):
+        # ``t[..., :n].copy_(x)`` (DeepSeek's MLA keys) mutates a view: only the functional form
+        # (slice_scatter) keeps that data flow in the graph.
+        with _quiet():
+            program = program.run_decompositions({})
     return program
+
+
+def _writes_into_views(program) -> bool:
+    return any(n.op == "call_function" and getattr(n.target, "_schema", None) is not None
+               and n.target._schema.name == "aten::copy_" for n in program.graph.nodes)
 
 
 def _by_name(module: nn.Module, dyn_args: tuple) -> dict:

@@ -26,7 +26,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from costlens.api import Model
-from costlens.frontends.onnx import external_location, resolve_external_path
+from costlens.frontends.onnx import external_location, read_external_tensor
 from costlens.gradients import Adapter, StepAnalysis
 from costlens.errors import CostlensError
 from costlens.measure.torch_ops import OPS, run_op
@@ -45,8 +45,7 @@ def initializer_values(path: str | Path) -> dict[str, np.ndarray]:
     for tensor in model.graph.initializer:
         location = external_location(tensor)
         if location is not None:
-            resolve_external_path(path.resolve().parent, location)     # refuses path traversal
-            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.resolve().parent))
+            read_external_tensor(tensor, path.resolve().parent)     # refuses path traversal and bad offsets
         values[tensor.name] = numpy_helper.to_array(tensor)
     for node in model.graph.node:
         if node.op_type == "Constant":

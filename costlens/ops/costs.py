@@ -1,12 +1,15 @@
-"""FLOP formulas, as pure functions of shapes (FLOPs = 2 x multiply-accumulates).
+"""FLOP formulas, as pure functions of dimensions (FLOPs = 2 x multiply-accumulates).
 
 Like ``torch.utils.flop_counter``, only matrix products are counted (linear layers,
-attention scores and context, expert matmuls); elementwise ops, norms, softmax and the
-loss are not. Backward of a product costs one forward's worth per gradient it produces:
-Y = A·B, dA = dY·Bᵀ and dB = Aᵀ·dY are each 2·M·N·K.
+convolutions, einsum contractions, attention scores and context, expert matmuls);
+elementwise ops, norms, softmax and the loss are not. Backward of a product costs one
+forward's worth per gradient it produces: Y = A·B, dA = dY·Bᵀ and dB = Aᵀ·dY are each
+2·M·N·K. The per-op rules (ops/linear.py, attention.py, moe.py) read shapes and attributes
+off a node and call these.
 """
 from __future__ import annotations
 
+from costlens.errors import CostlensError
 from costlens.ir import Node
 from costlens.shapes import numel
 
@@ -27,6 +30,60 @@ def node_matmul_flops(node: Node, a_shape: tuple[int, ...], out_shape: tuple[int
         inner = a_shape[-1]
     rows = numel(out_shape) // cols if cols else 0
     return matmul_flops(rows, inner, cols)
+
+
+def conv_flops(batch: int, out_spatial: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
+    """Convolution, as torch.utils.flop_counter's conv_flop_count: every output position of
+    every output channel is a dot product over (C_in / group) x kernel; bias not counted."""
+    # weight [C_out, C_in / group, *kernel]: 2 * N * prod(out) * C_out * (C_in / group) * prod(kernel)
+    return 2 * batch * numel(out_spatial) * numel(weight_shape)
+
+
+def einsum_flops(equation: str, shapes: list[tuple[int, ...]]) -> int:
+    """A two-operand einsum as the batched matmul torch lowers it to: 2 x the product of every
+    index size that takes part in the product (batch, free and contracted indices). An index
+    found in one operand only and not in the output is summed out first (a reduction, not
+    counted, as torch does before its bmm); with no contracted index at all (an outer or
+    elementwise product) torch multiplies elementwise: 0, as FlopCounterMode counts it."""
+    inputs, output = parse_einsum(equation, shapes)
+    if len(inputs) != 2:
+        raise CostlensError(f"einsum {equation!r}: only two-operand contractions are priced")
+    sizes: dict[str, int] = {}
+    for labels, shape in zip(inputs, shapes):
+        for label, dim in zip(labels, shape):
+            sizes[label] = max(sizes.get(label, 1), dim)     # broadcast: a 1 meets the other's size
+    a, b = inputs
+    if not any(x in a and x in b and x not in output for x in sizes):
+        return 0          # nothing contracted (outer or elementwise product): torch runs a mul, not a bmm
+    used = [x for x in sizes if x in output or (x in a and x in b)]
+    return 2 * numel(tuple(sizes[x] for x in used))
+
+
+def parse_einsum(equation: str, shapes: list[tuple[int, ...]]) -> tuple[list[str], str]:
+    """Operand labels and output labels of an einsum equation, ``...`` expanded into one label
+    per broadcast dimension (ONNX labels are letters, so those are Greek capitals here), the
+    implicit output (no ``->``) formed as numpy does: labels seen once, sorted, ellipsis first."""
+    text = equation.replace(" ", "")
+    lhs, arrow, rhs = text.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(shapes):
+        raise CostlensError(f"einsum {equation!r}: {len(terms)} operands in the equation, {len(shapes)} given")
+    n_ellipsis = max((len(s) - len(t.replace("...", "")) for t, s in zip(terms, shapes) if "..." in t), default=0)
+    dims = "".join(chr(0x391 + i) for i in range(n_ellipsis))
+    inputs = []
+    for term, shape in zip(terms, shapes):
+        if "..." in term:
+            rank = len(shape) - len(term.replace("...", ""))
+            term = term.replace("...", dims[n_ellipsis - rank:])     # right-aligned broadcast dims
+        if len(term) != len(shape):
+            raise CostlensError(f"einsum {equation!r}: term {term!r} does not match a rank-{len(shape)} operand")
+        inputs.append(term)
+    if arrow:
+        output = rhs.replace("...", dims)
+    else:
+        counts = {x: sum(t.count(x) for t in inputs) for t in inputs for x in t}
+        output = dims + "".join(sorted(x for x, n in counts.items() if n == 1 and x not in dims))
+    return inputs, output
 
 
 def lora_flops(tokens: int, rank: int, d_in: int, d_out: int) -> int:

@@ -10,6 +10,7 @@ from tabulate import tabulate
 from costlens.api import Model
 from costlens.estimate import Estimate
 from costlens.render import units
+from costlens.render.parallel import parallel_entry, parallel_text
 
 PLAN_SCHEMA = "costlens.plan/1"
 
@@ -60,6 +61,7 @@ def _plan_entry(result: Estimate, spec: str, model: Model) -> dict:
             "gpu": result.time.gpu, "peak_flops": result.time.peak_flops, "mfu": result.time.mfu,
             "seconds_per_step": result.time.seconds_per_step},
         "layers": _layers(result, model),
+        **({"parallel": parallel} if (parallel := parallel_entry(result)) else {}),
         "assumptions": list(result.assumptions),
         "unsupported_ops": dict(result.unsupported_ops),
     }
@@ -104,4 +106,5 @@ def plan_text(document: dict) -> str:
     if document["model"]["incomplete"]:
         ops = ", ".join(f"{op} x{n}" for op, n in document["model"]["unknown_ops"].items())
         notes.append(f"INCOMPLETE: ops costlens does not know: {ops}")
-    return "\n".join([header, "", table, *notes])
+    per_rank = parallel_text(document)
+    return "\n".join([header, "", table, *([""] + [per_rank] if per_rank else []), *notes])

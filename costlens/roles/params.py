@@ -41,7 +41,7 @@ FUSED_SLOTS.update({
     "com.microsoft.Attention": {1: SiteKind.FUSED_ATTENTION, 2: SiteKind.FUSED_ATTENTION},
     "com.microsoft.MultiHeadAttention": {3: SiteKind.FUSED_ATTENTION},
     # cos/sin caches are tables; head_sink is learned; q/k norm weights are norms
-    "com.microsoft.GroupQueryAttention": {7: SiteKind.BUFFER, 8: SiteKind.BUFFER, 11: SiteKind.FUSED_ATTENTION,
+    "com.microsoft.GroupQueryAttention": {7: SiteKind.BUFFER, 8: SiteKind.BUFFER, 11: SiteKind.ATTENTION_SINK,
                                           14: SiteKind.NORM, 15: SiteKind.NORM},
     "com.microsoft.RotaryEmbedding": {2: SiteKind.BUFFER, 3: SiteKind.BUFFER},
     "RotaryEmbedding": {1: SiteKind.BUFFER, 2: SiteKind.BUFFER},
@@ -89,7 +89,8 @@ def classify(view: GraphView, site: UseSite) -> ParamSite:
     if node.op in FUSED_SLOTS:
         return ParamSite(site, FUSED_SLOTS[node.op].get(site.slot, SiteKind.UNKNOWN))
     if node.op in FUSED_MOE and site.slot >= 2:
-        return ParamSite(site, SiteKind.FUSED_MOE)
+        # com.microsoft.MoE: fc1, fc2, fc3 weights at slots 2, 4, 6 and their [E, out] biases at 3, 5, 7
+        return ParamSite(site, SiteKind.EXPERT_BIAS if site.slot in (3, 5, 7) else SiteKind.FUSED_MOE)
     if node.op in ELEMENTWISE and _is_vector(const.shape):
         linear = _linear_producer(view, others[0]) if (node.op == "Add" and len(others) == 1) else None
         if linear is not None:

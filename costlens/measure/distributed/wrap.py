@@ -1,0 +1,176 @@
+"""A plan on the real module in one rank, and the parallel wrapper of each shard mode.
+
+``apply_recipe`` sets requires_grad by parameter name and adds PEFT LoRA (as
+``validate.apply_plan`` does); ``wrap`` returns (the module to call, its optimizer) for
+ddp, zero1, zero2, zero3 and tp (see the package docstring for what each runs).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from costlens.measure.tracker import MemCategory, StorageTracker
+
+# module-name suffixes split by tensor parallelism (what torch.distributed.tensor.parallel plans name)
+COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROWWISE = ("o_proj", "down_proj")
+
+
+class PeakResetTracker(StorageTracker):
+    """A StorageTracker whose peak can be reset between steps while every storage stays tracked."""
+
+    def reset_peak(self) -> None:
+        self._snapshot_pending()
+        self._baseline_bytes = self._live_bytes
+        self._peak_bytes, self._peak_phase = self._live_bytes, self._phase
+        self._phase_peak = {self._phase: self._live_bytes}
+        self._phase_snapshot = {}
+        self._unsnapped = self._phase
+        self._untracked_bytes = self._n_untracked = 0
+
+    def note_resize(self, tensor: torch.Tensor) -> None:
+        """Book a storage resized outside the dispatcher (FSDP2 frees and re-allocates the
+        unsharded parameters with ``untyped_storage().resize_``, which no aten op reports)."""
+        for storage in self._storages(tensor) or ():
+            serial = self._serials.get(storage)
+            if serial is None:
+                if storage.nbytes():
+                    self._track(storage, MemCategory.WEIGHTS)
+            else:
+                self._resize(serial, storage.nbytes())
+
+
+@contextmanager
+def storage_resizes_seen(tracker: PeakResetTracker) -> Iterator[None]:
+    """FSDP2's alloc_storage / free_storage, reported to ``tracker`` (restored on exit)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+    originals = (_fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage)
+
+    def alloc(tensor):
+        originals[0](tensor)
+        tracker.note_resize(tensor)
+
+    def free(tensor):
+        originals[1](tensor)
+        tracker.note_resize(tensor)
+    _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = alloc, free, alloc
+    try:
+        yield
+    finally:
+        _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = originals
+
+
+def apply_recipe(module: nn.Module, recipe) -> nn.Module:
+    """requires_grad from the recipe's names (a tied parameter trains if any of its names does),
+    then PEFT LoRA; returns the module to train (the model inside PEFT's wrapper)."""
+    trainable = set(recipe.trainable)
+    names: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    for parameter in module.parameters():
+        parameter.requires_grad_(any(n in trainable for n in names[id(parameter)]))
+    if not recipe.lora_modules and not recipe.lora_parameters:
+        return module
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout, bias="none",
+                        target_modules=list(recipe.lora_modules), target_parameters=list(recipe.lora_parameters),
+                        rank_pattern=dict(recipe.rank_pattern))
+    wrapped = get_peft_model(module, config)
+    inner = wrapped.base_model.model
+    for name, parameter in inner.named_parameters():
+        if name in trainable:
+            parameter.requires_grad_(True)
+    return inner
+
+
+def decoder_layers(module: nn.Module) -> nn.ModuleList:
+    """The repeated blocks: the FSDP units (the first ModuleList named ``layers``)."""
+    for name, child in module.named_modules():
+        if isinstance(child, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
+            return child
+    raise ValueError("no decoder layers (a ModuleList named 'layers') to shard")
+
+
+def make_optimizer(params, name: str, lr: float):
+    from costlens.measure.step import make_optimizer as single
+    return single(params, name, "for-loop", lr)
+
+
+def wrap(module: nn.Module, shard: str, world: int, optimizer: str, lr: float, tp: int = 1):
+    """(module to call, optimizer) for one shard mode; with ``tp`` > 1 and zero2/zero3, a 2-D mesh
+    (world / tp data-parallel x tp tensor-parallel): tensor parallelism inside, FSDP2 across."""
+    if shard in ("ddp", "zero1"):
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(module)
+        trainable = [p for p in wrapped.parameters() if p.requires_grad]
+        if shard == "ddp":
+            return wrapped, make_optimizer(trainable, optimizer, lr)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return wrapped, ZeroRedundancyOptimizer(trainable, optimizer_class=_optimizer_class(optimizer), lr=lr,
+                                                **_optimizer_kwargs(optimizer))
+    if shard in ("zero2", "zero3"):
+        from torch.distributed.fsdp import fully_shard
+        mesh = None
+        if tp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            mesh2d = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
+            tensor_parallel(module, tp, mesh2d["tp"])
+            mesh = mesh2d["dp"]
+        reshard = False if shard == "zero2" else None      # None: True per layer, False for the root
+        for layer in decoder_layers(module):
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+        return module, make_optimizer([p for p in module.parameters() if p.requires_grad], optimizer, lr)
+    if shard == "tp":
+        tensor_parallel(module, world)
+        return module, make_optimizer([p for p in module.parameters() if p.requires_grad], optimizer, lr)
+    raise ValueError(f"unknown shard mode {shard!r}")
+
+
+def _optimizer_class(name: str):
+    return torch.optim.AdamW if name == "adamw" else torch.optim.SGD
+
+
+def _optimizer_kwargs(name: str) -> dict:
+    if name == "adamw":
+        return {"foreach": False}
+    from costlens.measure.step import SGD_MOMENTUM
+    return {"foreach": False, "momentum": SGD_MOMENTUM if name == "sgd-momentum" else 0.0}
+
+
+def tensor_parallel(module: nn.Module, world: int, mesh=None) -> None:
+    """Column-parallel q, k, v, gate, up; row-parallel o, down (LoRA: the base weight and the
+    adapter's outer matrix split, the inner one replicated); attention runs heads/T local heads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    mesh = mesh if mesh is not None else init_device_mesh("cpu", (world,))
+    plan = {}
+    for name, child in module.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in COLWISE + ROWWISE:
+            continue
+        colwise = leaf in COLWISE
+        if hasattr(child, "base_layer"):               # a PEFT LoRA linear
+            plan[f"{name}.base_layer"] = ColwiseParallel() if colwise else RowwiseParallel()
+            inner, outer = f"{name}.lora_A.default", f"{name}.lora_B.default"
+            plan[outer if colwise else inner] = ColwiseParallel() if colwise else RowwiseParallel()
+        else:
+            plan[name] = ColwiseParallel() if colwise else RowwiseParallel()
+    parallelize_module(module, mesh, plan)
+    for child in module.modules():
+        cfg = getattr(child, "cfg", None)
+        if hasattr(child, "q_proj") and cfg is not None:
+            if cfg.heads % world or cfg.kv_heads % world:
+                raise ValueError(f"tensor parallel {world}: {cfg.heads} heads / {cfg.kv_heads} kv heads do not split")
+            child.cfg = SimpleNamespace(heads=cfg.heads // world, kv_heads=cfg.kv_heads // world,
+                                        head_dim=cfg.head_dim, hidden=cfg.hidden)
+
+
+def optimizer_state(opt) -> list[torch.Tensor]:
+    """This rank's optimizer state tensors (ZeroRedundancyOptimizer: its local optimizer's)."""
+    local = getattr(opt, "optim", opt)
+    return [v for state in local.state.values() for v in state.values() if isinstance(v, torch.Tensor)]

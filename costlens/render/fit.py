@@ -1,0 +1,136 @@
+"""`costlens fit` output: the costlens.fit/1 document (built in one place), its text table and
+its HTML page (the report's chart macro and CSS, reused: memory bars against the usable limit)."""
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from costlens.fit import FitResult, Probe
+from costlens.render import units
+
+FIT_SCHEMA = "costlens.fit/1"
+
+
+def _probe_entry(probe: Probe, chosen: Probe | None) -> dict:
+    result, memory, setup = probe.result, probe.result.memory, probe.result.setup
+    return {
+        "plan": probe.name, "spec": probe.spec, "batch": result.batch, "seq": result.seq,
+        "precision": setup.precision, "optimizer": setup.optimizer, "checkpointing": setup.checkpointing,
+        "fits": probe.fits, "chosen": probe is chosen,
+        "peak_bytes": memory.peak, "peak_phase": memory.peak_phase,
+        "memory_bytes": {"weights": memory.weights, "gradients": memory.gradients, "optimizer": memory.optimizer,
+                         "activations": memory.activations, "peak": memory.peak},
+        "trainable_params": result.params.trainable, "step_flops": result.flops.step,
+        "seconds_per_step": result.time.seconds_per_step if result.time else None,
+    }
+
+
+def fit_document(model, fit: FitResult, recipe=None) -> dict:
+    """The costlens.fit/1 document (docs/schema.md)."""
+    best, base = fit.best, (fit.best or fit.probes[0]).result.setup
+    document = {
+        "schema": FIT_SCHEMA,
+        "model": {"source": model.graph.source, "params_total": model.roles.params_total},
+        "search": fit.search,
+        "limit": {"memory_bytes": fit.memory_bytes, "headroom": fit.headroom, "usable_bytes": fit.usable_bytes,
+                  "gpu": fit.gpu},
+        "setup": {"batch": None if fit.search == "batch" else base.batch,
+                  "seq": None if fit.search == "seq" else (fit.best or fit.probes[0]).result.seq,
+                  "optimizer": None if fit.search == "plan" else base.optimizer, "optimizer_impl": base.optimizer_impl,
+                  "precision": None if fit.search == "plan" else base.precision, "attention": base.attention,
+                  "checkpointing": None if fit.search == "plan" else base.checkpointing, "mfu": base.mfu},
+        "answer": None if best is None else {
+            "fits": True, "plan": best.name, "spec": best.spec, "batch": best.result.batch, "seq": best.result.seq,
+            "precision": best.result.setup.precision, "optimizer": best.result.setup.optimizer,
+            "checkpointing": best.result.setup.checkpointing, "peak_bytes": best.peak_bytes,
+            "step_flops": best.step_flops, "capped": fit.capped},
+        "next_up": None if fit.next_up is None else {fit.search: getattr(fit.next_up.result, fit.search),
+                                                     "peak_bytes": fit.next_up.peak_bytes},
+        "probes": [_probe_entry(p, best) for p in (fit.probes if fit.search == "plan" else   # the frontier, in order
+                                                    sorted(fit.probes, key=lambda p: getattr(p.result, fit.search)))],
+        "notes": list(fit.notes),
+    }
+    if recipe is not None:
+        document["recipe"] = recipe.document()
+    return document
+
+
+def _limit_line(document: dict) -> str:
+    limit = document["limit"]
+    where = limit["gpu"] or units.nbytes(limit["memory_bytes"])
+    if limit["gpu"]:
+        where += f" ({units.nbytes(limit['memory_bytes'])})"
+    headroom = f", less {limit['headroom']:.0%} headroom" if limit["headroom"] else ""
+    return f"limit: {where}{headroom} -> {units.nbytes(limit['usable_bytes'])} usable"
+
+
+def answer_line(document: dict) -> str:
+    answer, search = document["answer"], document["search"]
+    if answer is None:
+        closest = min(document["probes"], key=lambda p: p["peak_bytes"])
+        return (f"nothing fits: the smallest step priced needs {units.nbytes(closest['peak_bytes'])} "
+                f"({_describe(closest)})")
+    if search == "plan":
+        return f"cheapest plan that fits: {_describe(answer)}, peak {units.nbytes(answer['peak_bytes'])}, " \
+               f"{units.flops(answer['step_flops'])} per step"
+    more = " (the search cap: larger may fit)" if answer["capped"] else ""
+    nxt = document["next_up"]
+    beyond = f"; {search} {nxt[search]:,} needs {units.nbytes(nxt['peak_bytes'])}" if nxt else ""
+    return f"largest {search} that fits: {answer[search]:,}{more} (peak {units.nbytes(answer['peak_bytes'])}){beyond}"
+
+
+def _describe(entry: dict) -> str:
+    parts = [entry["plan"], entry["precision"], entry["optimizer"]]
+    if entry["checkpointing"]:
+        parts.append("checkpointing")
+    return ", ".join(parts) + f", batch {entry['batch']}, seq {entry['seq']}"
+
+
+def fit_text(document: dict) -> str:
+    search = document["search"]
+    timed = any(p["seconds_per_step"] is not None for p in document["probes"])
+    rows = []
+    for probe in document["probes"]:
+        memory = probe["memory_bytes"]
+        row = ["*" if probe["chosen"] else "", probe["plan"]]
+        row += [f"{probe[search]:,}"] if search != "plan" else \
+            ["yes" if probe["checkpointing"] else "no", probe["precision"], probe["optimizer"]]
+        row += [units.params(probe["trainable_params"]), units.nbytes(memory["weights"]),
+                units.nbytes(memory["activations"]), f"{units.nbytes(probe['peak_bytes'])} ({probe['peak_phase']})",
+                "yes" if probe["fits"] else "no", units.flops(probe["step_flops"])]
+        if timed:
+            row.append(units.seconds(probe["seconds_per_step"]))
+        rows.append(row)
+    headers = ["", "plan"] + ([search] if search != "plan" else ["ckpt", "precision", "optimizer"]) + \
+        ["trainable", "weights", "activations", "peak", "fits", "step FLOPs"] + (["time/step"] if timed else [])
+    setup = document["setup"]
+    fixed = ", ".join(f"{k} {v}" for k, v in setup.items() if v is not None and k not in ("mfu", "optimizer_impl"))
+    table = tabulate(rows, headers=headers, tablefmt="simple")
+    lines = [f"Model: {document['model']['source']}", _limit_line(document) + (f"; {fixed}" if fixed else ""), "",
+             table, "", answer_line(document), *document["notes"]]
+    if document.get("recipe"):
+        recipe = document["recipe"]
+        lines.append(f"recipe {recipe['source']}: gradient accumulation {recipe['gradient_accumulation_steps']} "
+                     "step(s) (per-step memory is that of one micro-batch)")
+    return "\n".join(lines)
+
+
+def render_fit_html(document: dict) -> str:
+    """One self-contained page: the answer, memory bars of every probe against the usable
+    limit, and the table."""
+    from costlens.gpus import Gpu
+    from costlens.render.html import _memory_chart, environment
+
+    probes = document["probes"]
+    search = document["search"]
+    labels = [(f"{p['plan']}{' +ckpt' if p['checkpointing'] else ''} {p['precision']}" if search == "plan"
+               else f"{search} {p[search]:,}") for p in probes]
+    plans = [{"name": label, "memory_bytes": p["memory_bytes"], "peak_phase": p["peak_phase"]}
+             for label, p in zip(labels, probes)]
+    limit = Gpu("usable", document["limit"]["usable_bytes"], 0.0)
+    chart = _memory_chart(plans, limit)
+    rows = [(("*" if p["chosen"] else ""), label, units.nbytes(p["peak_bytes"]), "yes" if p["fits"] else "no",
+             units.flops(p["step_flops"]), units.params(p["trainable_params"])) for label, p in zip(labels, probes)]
+    return environment().get_template("fit.html.j2").render(
+        title=f"costlens fit: {document['model']['source']}", source=document["model"]["source"],
+        schema=document["schema"], limit=_limit_line(document), answer=answer_line(document),
+        fits=document["answer"] is not None, chart=chart, rows=rows, notes=document["notes"])
