@@ -44,6 +44,7 @@ class Limit(Enum):
     TRAINABLE_PARAMS = "trainable_params"
     STEP_FLOPS = "step_flops"
     TIME_PER_STEP = "time_per_step"
+    MAX_COST = "max_cost"              # money of the whole [job] (price per GPU-hour x GPU-hours)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class Budget:
     setup: Mapping[str, object]     # Setup fields the file sets, validated
     plans: tuple[PlanBudget, ...]
     gpu: str | None                 # [setup] gpu, else the first "fits:" GPU: the memory line to draw
+    job: Mapping[str, object] = dataclasses.field(default_factory=dict)    # [job]: tokens, grad_accum, price_per_hour
+    prices: Mapping[str, float] = dataclasses.field(default_factory=dict)  # [prices]: GPU name -> price per GPU-hour
+    accelerators: tuple = ()        # [gpu.NAME]: the custom gpus.Gpu entries the file defines
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,10 @@ _SECOND_UNITS = {"": 1, "s": 1, "ns": 1e-9, "us": 1e-6, "ms": 1e-3, "min": 60, "
 _EXAMPLES = {Limit.PEAK_MEMORY: '24GiB, 512MiB, 80GB, a number of bytes or "fits: h100-80gb"',
              Limit.TRAINABLE_PARAMS: "50M, 1.2B, 350K or a whole number",
              Limit.STEP_FLOPS: '2.5e15, "3 PFLOP", "800 TFLOP"',
-             Limit.TIME_PER_STEP: '"1.2s", "500ms", "2min" or a number of seconds'}
+             Limit.TIME_PER_STEP: '"1.2s", "500ms", "2min" or a number of seconds',
+             Limit.MAX_COST: "1200 or 1200.50 (in the currency of the prices)"}
 _UNITS = {Limit.PEAK_MEMORY: _BYTE_UNITS, Limit.TRAINABLE_PARAMS: _PARAM_UNITS,
-          Limit.STEP_FLOPS: _FLOP_UNITS, Limit.TIME_PER_STEP: _SECOND_UNITS}
+          Limit.STEP_FLOPS: _FLOP_UNITS, Limit.TIME_PER_STEP: _SECOND_UNITS, Limit.MAX_COST: {"": 1}}
 _FITS = re.compile(r"^\s*fits\s*:\s*(?:(\d+)\s*[x×]\s*)?(\S+)\s*$", re.IGNORECASE)
 
 
@@ -168,11 +173,13 @@ def parse_budget(text: str, source: str = "costlens.toml") -> Budget:
         raise BudgetError(f"{source}: not a budget file (arrays or tables nested too deeply)") from None
     where = _Locator(text, source)
     for key in data:
-        if key not in ("setup", "defaults", "plan"):
-            raise where.error((key,), "unknown table or key (expected [setup], [defaults] and [[plan]] tables)")
-    for key in ("setup", "defaults"):
+        if key not in ("setup", "defaults", "plan", "job", "prices", "gpu"):
+            raise where.error((key,), "unknown table or key (expected [setup], [defaults], [[plan]], [job], "
+                                      "[prices] and [gpu.NAME] tables)")
+    for key in ("setup", "defaults", "job", "prices", "gpu"):
         if not isinstance(data.get(key, {}), dict):
             raise where.error((key,), f"must be a table: [{key}]")
+    accelerators = _parse_gpus(data.get("gpu", {}), where)     # before [setup], which may name one
     plans = data.get("plan", [])
     if not isinstance(plans, list) or not plans or not all(isinstance(p, dict) for p in plans):
         raise where.error(("plan",), "name at least one plan in a [[plan]] table (with spec = \"...\")")
@@ -189,7 +196,102 @@ def parse_budget(text: str, source: str = "costlens.toml") -> Budget:
         budgets.append(budget)
     fits = [bound.gpu for plan in budgets for bound in plan.bounds if bound.gpu]
     gpu = setup.get("gpu") or (fits[0] if fits else None)
-    return Budget(source=source, setup=MappingProxyType(setup), plans=tuple(budgets), gpu=gpu)
+    job, prices = _parse_job(data.get("job", {}), where), _parse_prices(data.get("prices", {}), where)
+    if any(b.limit is Limit.MAX_COST for plan in budgets for b in plan.bounds):
+        _check_priced(job, prices, setup, where)
+    return Budget(source=source, setup=MappingProxyType(setup), plans=tuple(budgets), gpu=gpu,
+                  job=MappingProxyType(job), prices=MappingProxyType(prices), accelerators=accelerators)
+
+
+# [gpu.NAME] keys -> (Gpu field, scale to its unit)
+_GPU_KEYS = {"memory": ("memory_bytes", 1), "bf16_tflops": ("peak_flops", 1e12), "fp32_tflops": ("fp32_flops", 1e12),
+             "tf32_tflops": ("tf32_flops", 1e12), "fp16_tflops": ("fp16_flops", 1e12),
+             "fp8_tflops": ("fp8_flops", 1e12), "bandwidth_tb_s": ("bandwidth", 1e12), "note": ("note", None)}
+
+
+def _parse_gpus(tables: dict, where: "_Locator") -> tuple:
+    """[gpu.NAME] tables: custom accelerators (memory, dense TFLOP/s per dtype, TB/s), registered in gpus
+    (so that --gpu and [setup] gpu find them); returns them."""
+    entries = []
+    for name, table in tables.items():
+        path = ("gpu", name)
+        if not isinstance(table, dict):
+            raise where.error(path, "must be a table: [gpu.NAME] with memory and bf16_tflops")
+        values = {}
+        for key, value in table.items():
+            if key not in _GPU_KEYS:
+                raise where.error((*path, key), f"unknown key (known: {', '.join(_GPU_KEYS)})")
+            field_name, scale = _GPU_KEYS[key]
+            if scale is None:
+                values[field_name] = str(value)
+            elif key == "memory":
+                values[field_name] = int(_quantity(value, Limit.PEAK_MEMORY, (*path, key), where))
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise where.error((*path, key), f"must be a positive number, got {value!r}")
+            else:
+                values[field_name] = float(value) * scale
+        for required in ("memory", "bf16_tflops"):
+            if _GPU_KEYS[required][0] not in values:
+                raise where.error(path, f"[gpu.{name}] needs {required}")
+        try:
+            entries.append(gpus.register(gpus.Gpu(name=name, **values)))
+        except CostlensError as e:
+            raise where.error(path, str(e)) from None
+    return tuple(entries)
+
+
+_JOB_KEYS = {"tokens": int, "dataset_tokens": int, "epochs": (int, float), "grad_accum": int,
+             "price_per_hour": (int, float)}
+
+
+def _parse_job(table: dict, where: "_Locator") -> dict:
+    """[job]: the whole training job whose cost max_cost bounds (costlens/jobcost.py)."""
+    from costlens.jobcost import job_tokens
+    for key, value in table.items():
+        if key not in _JOB_KEYS:
+            raise where.error(("job", key), f"unknown key (known: {', '.join(_JOB_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, _JOB_KEYS[key]) or value <= 0:
+            raise where.error(("job", key), f"must be a positive number, got {value!r}")
+    if not table:
+        return {}
+    try:
+        tokens = job_tokens(table.get("tokens"), table.get("dataset_tokens"), table.get("epochs"))
+    except CostlensError as e:
+        raise where.error(("job",), str(e)) from None
+    if tokens is None:
+        raise where.error(("job",), "give tokens = N (or dataset_tokens = N with epochs = E)")
+    return {"tokens": tokens, "grad_accum": table.get("grad_accum", 1), "price_per_hour": table.get("price_per_hour")}
+
+
+def _parse_prices(table: dict, where: "_Locator") -> dict:
+    """[prices]: price per GPU-hour by accelerator name (aliases resolved)."""
+    prices = {}
+    for name, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise where.error(("prices", name), f"must be a non-negative price per GPU-hour, got {value!r}")
+        prices[_gpu_name(name, ("prices", name), where)] = float(value)
+    return prices
+
+
+def _check_priced(job: dict, prices: dict, setup: dict, where: "_Locator") -> None:
+    if not job:
+        raise where.error(("job",), "max_cost needs the job: a [job] table with tokens = N")
+    if not setup.get("gpu"):
+        raise where.error(("setup",), 'max_cost needs the accelerator: set gpu = "h100-80gb" (or another) in [setup]')
+    if job.get("price_per_hour") is None and setup["gpu"] not in prices:
+        raise where.error(("prices",), f"max_cost needs a price: price_per_hour in [job] or {setup['gpu']} = ... in [prices]")
+
+
+def job_of(budget: Budget):
+    """The jobcost.Job the budget's [job] and [prices] describe (None without a [job] table)."""
+    from costlens.jobcost import Job
+    if not budget.job:
+        return None
+    price, source = budget.job.get("price_per_hour"), f"{budget.source} [job]"
+    if price is None and budget.setup.get("gpu") in budget.prices:
+        price, source = budget.prices[budget.setup["gpu"]], f"{budget.source} [prices]"
+    return Job(tokens=budget.job["tokens"], grad_accum=budget.job["grad_accum"], price_per_gpu_hour=price,
+               price_source=source if price is not None else None)
 
 
 def _parse_setup(table: dict, where: "_Locator") -> dict:
@@ -408,6 +510,12 @@ def _measure(limit: Limit, plan: dict, document: dict, budget: Budget) -> float:
         return plan["params"]["trainable"]
     if limit is Limit.STEP_FLOPS:
         return plan["flops"]["step"]
+    if limit is Limit.MAX_COST:
+        cost = (plan.get("job") or {}).get("cost")
+        if cost is None:
+            raise CostlensError(f"plan {plan['name']!r}: max_cost cannot be checked: the estimate has no job cost "
+                                "(plans[].job.cost; price it with --tokens, --gpu and a price)")
+        return cost
     if limit is Limit.PEAK_MEMORY:
         if plan.get("parallel"):             # several ranks: the largest per-rank peak must fit
             return plan["parallel"]["per_rank_bytes"]["peak"]
@@ -421,7 +529,17 @@ def _measure(limit: Limit, plan: dict, document: dict, budget: Budget) -> float:
         return seconds
     # the estimate predates plans[].time: the same arithmetic from the [setup] GPU and MFU
     mfu = budget.setup.get("mfu", (document.get("setup") or {}).get("mfu", Setup.mfu))
-    return gpus.seconds_per_step(plan["flops"]["step"], gpus.gpu(str(budget.setup["gpu"])), mfu)
+    accelerator = gpus.gpu(str(budget.setup["gpu"]))
+    precision = budget.setup.get("precision", (document.get("setup") or {}).get("precision"))
+    dtype = gpus.compute_dtype(str(precision), accelerator) if precision else None   # None: the half-precision peak
+    return gpus.seconds_per_step(plan["flops"]["step"], accelerator, mfu, dtype)
+
+
+def derived_of(budget: Budget) -> dict[str, str]:
+    """The defaults setup_of derives from another [setup] key, as the plan document records them."""
+    if budget.setup.get("gpu") and "optimizer_impl" not in budget.setup:
+        return {"optimizer_impl": f"foreach, from [setup] gpu = {budget.setup['gpu']!r} (torch's default on CUDA)"}
+    return {}
 
 
 def setup_of(budget: Budget) -> Setup:

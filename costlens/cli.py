@@ -10,8 +10,9 @@ import sys
 
 import click
 
-from costlens.cli_errors import friendly_errors
+from costlens.cli_errors import TOLERANCE, friendly_errors
 from costlens.errors import CostlensError
+from costlens.plans import ATTENTION_IMPLS, PRECISIONS
 
 TRACER = click.option(
     "--tracer", type=click.Choice(["export", "fvcore"]), default="export", show_default=True,
@@ -56,7 +57,7 @@ def inspect(model: str, as_json: bool, tracer: str, revision: str | None) -> Non
 
 
 SETUP_KEYS = ("batch", "seq", "optimizer", "optimizer_impl", "precision", "attention", "checkpointing", "gpu", "mfu",
-              "moe_dispatch")
+              "moe_dispatch", "base_quant")
 
 
 PARALLEL_OPTIONS = [
@@ -96,8 +97,8 @@ def setup_options(command):
         click.option("--optimizer-impl", type=click.Choice(["for-loop", "foreach"]), default=None,
                      help="How the optimizer steps [default: foreach with --gpu (torch's CUDA default), else for-loop]."),
         click.option("--precision", default="fp32", show_default=True,
-                     type=click.Choice(["fp32", "bf16-mixed", "fp16-mixed", "bf16"])),
-        click.option("--attention", default="eager", show_default=True, type=click.Choice(["eager", "fused"]),
+                     type=click.Choice(list(PRECISIONS))),
+        click.option("--attention", default="eager", show_default=True, type=click.Choice(list(ATTENTION_IMPLS)),
                      help="eager keeps the batch x heads x seq x seq scores; fused (flash / memory-efficient SDPA) does not."),
         click.option("--checkpointing", is_flag=True, help="Recompute each layer in backward (activation checkpointing)."),
         click.option("--gpu", default=None, help="Accelerator for a time-per-step figure, e.g. h100, a100-40gb, l4."),
@@ -114,14 +115,81 @@ def setup_options(command):
     return command
 
 
+QUANT = click.option("--quant", "base_quant", type=click.Choice(["nf4", "nf4-dq", "int8"]), default=None,
+                     help="Frozen linear base weights stored quantized by bitsandbytes (QLoRA: nf4; nf4-dq: with "
+                          "double quantization; int8: LLM.int8) [default: not quantized].")
+
+JOB_OPTION_KEYS = ("tokens", "dataset_tokens", "epochs", "grad_accum", "price_per_hour")
+
+
+def job_options(command):
+    """Options pricing the whole job (costlens/jobcost.py), shared by plan and compare."""
+    for decorator in reversed([
+        click.option("--tokens", type=int, default=None, help="Tokens the whole job trains on (e.g. 2000000000)."),
+        click.option("--dataset-tokens", type=int, default=None, help="Tokens in one pass over the data (with --epochs)."),
+        click.option("--epochs", type=float, default=None, help="Passes over --dataset-tokens [default: 1]."),
+        click.option("--grad-accum", type=int, default=1, show_default=True,
+                     help="Micro-batches of --batch accumulated per optimizer step (job cost only: the step's "
+                          "memory is that of one micro-batch)."),
+        click.option("--price-per-hour", type=float, default=None,
+                     help="Price of one GPU-hour [default: the [prices] table of ./costlens.toml, if any]."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def _job(options: dict, recipe=None):
+    """The Job of the job options (None without --tokens / --dataset-tokens); pops them. Without
+    --grad-accum, a --recipe's gradient_accumulation_steps is the accumulation (a derived default)."""
+    from costlens.jobcost import Job, job_tokens
+    values = {key: options.pop(key) for key in JOB_OPTION_KEYS}
+    if recipe is not None and "grad_accum" not in _given_on_command_line(("grad_accum",)):
+        values["grad_accum"] = recipe.gradient_accumulation_steps
+        if recipe.gradient_accumulation_steps != 1:
+            click.get_current_context().meta["costlens.job_derived"] = {
+                "grad_accum": f"{recipe.gradient_accumulation_steps}, from --recipe gradient_accumulation_steps"}
+    tokens = job_tokens(values["tokens"], values["dataset_tokens"], values["epochs"])
+    if tokens is None:
+        for key in ("grad_accum", "price_per_hour"):
+            if key in _given_on_command_line((key,)):
+                raise CostlensError(f"--{key.replace('_', '-')} prices a whole job: give --tokens N "
+                                    "(or --dataset-tokens N --epochs E)")
+        return None
+    if values["grad_accum"] < 1:
+        raise CostlensError(f"--grad-accum must be positive, got {values['grad_accum']}")
+    price, source = values["price_per_hour"], "--price-per-hour" if values["price_per_hour"] is not None else None
+    return Job(tokens=tokens, grad_accum=values["grad_accum"], price_per_gpu_hour=price, price_source=source)
+
+
 def _setup(options: dict, recipe=None):
+    """The Setup of the options (and recipe); defaults derived from another option are recorded in
+    the click context (``derived_defaults``) for the header and the JSON (issue 16 item 1)."""
     from costlens.plans import Setup
     from costlens.recipe import merge_setup
     values = {k: options[k] for k in SETUP_KEYS if k in options}
-    values = merge_setup(values, recipe, _given_on_command_line(SETUP_KEYS))
-    values["optimizer_impl"] = values["optimizer_impl"] or ("foreach" if values["gpu"] else "for-loop")
-    values.update(_parallel_values(options))
+    given = _given_on_command_line(SETUP_KEYS)
+    values = merge_setup(values, recipe, given)
+    if "mfu" in given and not values.get("gpu"):
+        raise CostlensError("--mfu sets the utilization of --gpu's peak: give --gpu too (e.g. --gpu h100)")
+    derived = {}
+    if not values["optimizer_impl"]:
+        values["optimizer_impl"] = "foreach" if values["gpu"] else "for-loop"
+        if values["gpu"]:
+            derived["optimizer_impl"] = f"foreach, from --gpu {values['gpu']} (torch's default on CUDA)"
+    parallel = _parallel_values(options)
+    if parallel and options["gpus"] is None and parallel["gpus"] > 1:
+        derived["gpus"] = f"{parallel['gpus']}, from --tp {parallel['tp']} x --ep {parallel['ep']}"
+    if parallel and options["shard"] is None and parallel["shard"] != "none":
+        derived["shard"] = f"{parallel['shard']}, from --gpus {parallel['gpus']}"
+    values.update(parallel)
+    click.get_current_context().meta["costlens.derived"] = derived
     return Setup(**values)
+
+
+def derived_defaults() -> dict[str, str]:
+    """{setup key: "value, from which option"} of the defaults the last _setup derived."""
+    meta = click.get_current_context().meta
+    return {**meta.get("costlens.derived", {}), **meta.get("costlens.job_derived", {})}
 
 
 def _given_on_command_line(keys) -> set[str]:
@@ -137,14 +205,21 @@ def _recipe(options: dict):
 
 
 def _run_plans(model, plans: list, setup, as_json: bool, html_path: str | None = None,
-               validate_on: str | None = None, recipe=None) -> None:
+               validate_on: str | None = None, recipe=None, job=None) -> None:
     """model: a loaded Model; plans: (spec text, Plan) pairs; validate_on: a device to measure on;
-    recipe: the --recipe file read (recorded in the document and under the table)."""
+    recipe: the --recipe file read (recorded in the document and under the table); job: a Job to price."""
     from costlens.estimate import estimate
+    from costlens.jobcost import with_price_table
     from costlens.render.plan import plan_document, plan_text
 
     results = [(spec, estimate(model, plan, setup)) for spec, plan in plans]
-    document = plan_document(model, results)
+    for _, result in results:
+        if result.params.trainable == 0:      # e.g. --freeze all: legal, but rarely what was meant
+            click.echo(f"costlens: warning: plan {result.plan.name!r} trains no parameter: "
+                       "the step is a forward pass only", err=True)
+    if job is not None and setup.gpu:
+        job = with_price_table(job, setup.gpu, "costlens.toml")
+    document = plan_document(model, results, derived=derived_defaults(), job=job)
     if validate_on:
         _attach_validation(document, model, plans, setup, validate_on)
     if recipe is not None:
@@ -154,6 +229,13 @@ def _run_plans(model, plans: list, setup, as_json: bool, html_path: str | None =
         write_html(document, html_path)
     text = "\n".join([plan_text(document), *(recipe.lines() if recipe is not None else [])])
     click.echo(json.dumps(document, indent=2) if as_json else text)
+    if validate_on and _validation_failed(document):
+        sys.exit(1)                       # exit 1: a tolerance exceeded (README, exit codes)
+
+
+def _validation_failed(document: dict) -> bool:
+    return any(figure["verdict"] not in ("ok", "shown")
+               for entry in document["plans"] for figure in entry.get("validation", {}).values())
 
 
 PLAN_OPTION_KEYS = ("train", "freeze", "lora", "rank", "alpha", "lora_dropout", "stop_grad", "dropout", "stack_ffn",
@@ -211,28 +293,42 @@ def _attach_validation(document: dict, model, plans: list, setup, device: str) -
     for entry, (spec, chosen) in zip(document["plans"], plans):
         click.echo(f"costlens: validating plan {entry['name']}...", err=True)
         result = validate_onnx(model.graph.source, chosen, setup, device=device)
-        entry["validation"] = {c.quantity: {"estimated": c.estimated, "measured": c.measured, "error": c.error}
+        entry["validation"] = {c.quantity: {"estimated": c.estimated, "measured": c.measured, "error": c.error,
+                                             "tolerance": c.tolerance, "verdict": _verdict(c)}
                                for c in result.comparisons}
+
+
+def _verdict(comparison) -> str:
+    """ok / outside tolerance / shown (a figure measured for information, not judged)."""
+    if comparison.tolerance is None:
+        return "shown"
+    if comparison.ok:
+        return "ok"
+    return f"OUTSIDE {comparison.tolerance:.0%}" if comparison.tolerance else "NOT EXACT"
 
 
 @main.command()
 @click.argument("model")
 @plan_options
 @setup_options
+@QUANT
+@job_options
 @TRACER
 @REVISION
 @friendly_errors
 def plan(model, as_json, tracer, revision, **options) -> None:
     """Price one fine-tuning plan of MODEL (an .onnx file, a config.json or model folder, an
-    import spec, or a Hugging Face Hub id): parameters, memory and FLOPs of a training step."""
+    import spec, or a Hugging Face Hub id): parameters, memory and FLOPs of a training step
+    (and, with --tokens, of the whole job)."""
     recipe = _recipe(options)
+    job = _job(options, recipe)
     setup = _setup(options, recipe)
     if not options.get("peft"):
         chosen = _plan(options)                 # a bad plan fails before the model is traced
     loaded = _load(model, tracer, revision)
     if options.get("peft"):
         chosen = _plan(options, loaded, model)
-    _run_plans(loaded, [chosen], setup, as_json, recipe=recipe)
+    _run_plans(loaded, [chosen], setup, as_json, recipe=recipe, job=job)
 
 
 @main.command()
@@ -241,19 +337,42 @@ def plan(model, as_json, tracer, revision, **options) -> None:
 @setup_options
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the measured step runs (cuda: allocator peak; cpu: exact live tensor storage).")
-@click.option("--tolerance", type=float, default=0.05, show_default=True,
+@click.option("--tolerance", type=TOLERANCE, default=0.05, show_default=True,  # issue 16: 5% or 0.05
               help="Largest relative error of a memory figure (FLOPs: 1%; trainable parameters: exact).")
 @click.option("--inference", is_flag=True,
               help="Also measure onnxruntime's inference memory in a fresh process (shown, not judged).")
+@click.option("--loss", type=click.Choice(["ce", "hf", "chunked"]), default="ce", show_default=True,
+              help="ce: cross-entropy of the logits against the ids; hf: the model's own loss (labels=input_ids: "
+                   "fp32 upcast, shift, cross-entropy); chunked is priced by plan, not measured yet.")
+@click.option("--tiny", is_flag=True,
+              help="Validate a small model of the same architecture (2 layers, hidden 64, vocab 256, at most 8 "
+                   "experts; heads keep their GQA ratio); estimate and measurement are of that model.")
+@click.option("--layers", type=int, default=None, help="Shrink the config to N layers (with or without --tiny).")
+@click.option("--hidden", type=int, default=None, help="Shrink the hidden size to H (heads of 16 unless --heads).")
+@click.option("--heads", type=int, default=None, help="Attention heads of the shrunk model (with --hidden).")
+@click.option("--vocab", type=int, default=None, help="Vocabulary of the shrunk model.")
+@click.option("--intermediate", type=int, default=None, help="FFN (and expert) width of the shrunk model.")
+@click.option("--experts", type=int, default=None, help="At most this many experts in the shrunk model.")
+@click.option("--source-config", type=click.Path(dir_okay=True),
+              help="For an .onnx MODEL: the HF config.json it was exported from; its real module is measured "
+                   "[default: found through the HF corpus index.json beside the file, else the costlens executor].")
+@click.option("--executor", is_flag=True,
+              help="For an .onnx MODEL: measure the costlens executor of the graph, not the real module.")
 @friendly_errors
-def validate(model, device, tolerance, inference, as_json, **options) -> None:
+def validate(model, device, tolerance, inference, as_json, loss, tiny, layers, hidden, heads, vocab, intermediate,
+             experts, source_config, executor, **options) -> None:
     """Measure a real training step of the plan and compare it with the estimate (exit 1 when
-    a figure is outside tolerance). MODEL is an .onnx file (its graph runs as a torch module) or
-    an import spec package.module:factory (the module itself runs). Needs the torch extra."""
+    a figure is outside tolerance). MODEL is a Hugging Face config.json, model folder or hub id
+    (the real transformers module runs, random weights), an .onnx file (the real module of its
+    source config when known, else its graph as a torch module), or an import spec
+    package.module:factory (the module itself runs). The report says which truth was used.
+    Needs the torch extra."""
+    import dataclasses
     import importlib.util
     if importlib.util.find_spec("torch") is None:
         raise CostlensError("validate runs a real training step: it needs the torch extra (pip install 'costlens[torch]')")
-    from costlens.measure.validate import validate_onnx, validate_torch
+    from costlens.measure.hf_module import Dims
+    from costlens.measure.validate import corpus_config, validate_config, validate_onnx, validate_torch
     from costlens.render.validate import validation_document, validation_text
 
     if options.get("peft"):
@@ -263,9 +382,22 @@ def validate(model, device, tolerance, inference, as_json, **options) -> None:
         spec, chosen = _plan(options)
     if options["optimizer_impl"] is None and device == "cuda":
         options["optimizer_impl"] = "foreach"           # torch's default on CUDA
-    setup = _setup(options, _recipe(options))
+    setup = dataclasses.replace(_setup(options, _recipe(options)), loss=loss)
     if device == "cuda" and not _cuda_available():
-        raise CostlensError("--device cuda: no CUDA device is available here")
+        raise CostlensError("--device cuda: no CUDA device is available here (torch sees none); "
+                            "validate on the CPU with --device cpu")
+    dims = Dims.tiny(layers=layers, hidden=hidden, heads=heads, vocab=vocab, intermediate=intermediate,
+                     experts=experts) if tiny else Dims(layers, hidden, heads, vocab, intermediate, experts)
+    is_onnx = model.lower().endswith(".onnx")
+    config = None
+    if is_onnx and not executor:
+        config = source_config or corpus_config(model)
+    if source_config and (not is_onnx or executor):
+        raise CostlensError("--source-config names the config an .onnx MODEL was exported from "
+                            "(and measures its real module, so not with --executor)")
+    if dims.given and is_onnx and config is None:
+        raise CostlensError(f"{model}: --tiny and the size options shrink a Hugging Face config, and this ONNX file "
+                            "has none (give --source-config CONFIG.json, or validate the config itself)")
     progress = lambda message: click.echo(f"costlens: {message}...", err=True)  # noqa: E731
     if setup.gpus > 1:
         from costlens.measure.distributed import validate_distributed
@@ -274,15 +406,31 @@ def validate(model, device, tolerance, inference, as_json, **options) -> None:
         result, _, _ = validate_distributed(model, chosen, setup, setup.gpus, setup.shard, setup.tp,
                                             tolerance=tolerance if _given_on_command_line(("tolerance",)) else 0.03,
                                             progress=progress)
-    elif model.lower().endswith(".onnx"):
+    elif is_onnx and config is not None:
+        if inference:
+            raise CostlensError("--inference measures onnxruntime on the graph: give it with --executor")
+        result = validate_config(config, chosen, setup, dims=dims, device=device, tolerance=tolerance,
+                                 progress=progress, estimate_from=None if dims.given else model)
+    elif is_onnx:
         result = validate_onnx(model, chosen, setup, device=device, tolerance=tolerance, inference=inference,
                                progress=progress)
+    elif _is_config_source(model):
+        result = validate_config(model, chosen, setup, dims=dims, device=device, tolerance=tolerance,
+                                 progress=progress)
     else:
+        if dims.given:
+            raise CostlensError("--tiny and the size options shrink a Hugging Face config, not an import spec")
         result = validate_torch(model, chosen, setup, device=device, tolerance=tolerance, progress=progress)
     document = validation_document(result, model, spec)
     click.echo(json.dumps(document, indent=2) if as_json else validation_text(document))
     if not result.ok:
         sys.exit(1)
+
+
+def _is_config_source(model: str) -> bool:
+    """A config.json, a model folder or a hub id (the sources validate builds the real module of)."""
+    from costlens.frontends.source import SourceKind, classify
+    return classify(model).kind in (SourceKind.HF_CONFIG, SourceKind.HUB_ID)
 
 
 def _cuda_available() -> bool:
@@ -295,29 +443,34 @@ def _cuda_available() -> bool:
 @click.option("--plans", "plans_file", type=click.Path(dir_okay=False),
               help="A TOML file of [[plan]] tables (name plus spec, or name plus train/freeze/lora/rank/... keys).")
 @click.option("--plan", "plans", multiple=True,
-              help="A plan spec, repeatable: 'NAME:key=value;key=value' with keys train, freeze, lora, rank, "
-                   "alpha, stop-grad; e.g. 'moe-lora:lora=attn,router,experts;rank=attn=8,router=4,experts=4'.")
+              help="A plan spec, repeatable: 'NAME:key=value;key=value' with keys "
+                   + ", ".join(key.replace("_", "-") for key in PLAN_OPTION_KEYS)
+                   + "; e.g. 'moe-lora:lora=attn,router,experts;rank=attn=8,router=4,experts=4'.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False),
               help="Also write a self-contained HTML report to this file.")
 @click.option("--validate", "validate_on", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Also measure each plan on this device and attach the errors (torch extra; minutes on big models).")
 @setup_options
+@QUANT
+@job_options
 @TRACER
 @REVISION
 @friendly_errors
 def compare(model, plans_file, plans, html_path, validate_on, as_json, tracer, revision, **setup) -> None:
     """Price several plans of MODEL side by side (default: a set that fits the model)."""
     from costlens.estimate import default_plans
-    from costlens.plans import load_plans_file, parse_plan_spec
+    from costlens.plans import check_unique_names, load_plans_file, parse_plan_spec
 
     recipe = _recipe(setup)
+    job = _job(setup, recipe)
     setup_values = _setup(setup, recipe)
-    loaded = _load(model, tracer, revision)
     chosen = load_plans_file(plans_file) if plans_file else []
     chosen += [(spec, parse_plan_spec(spec)) for spec in plans]
+    check_unique_names([plan for _, plan in chosen])      # before the model is traced
+    loaded = _load(model, tracer, revision)
     if not chosen:
         chosen = [(spec, parse_plan_spec(spec)) for spec in default_plans(loaded)]
-    _run_plans(loaded, chosen, setup_values, as_json, html_path, validate_on, recipe)
+    _run_plans(loaded, chosen, setup_values, as_json, html_path, validate_on, recipe, job)
 
 
 @main.command()
@@ -333,13 +486,40 @@ def export(source: str, output: str) -> None:
     click.echo(f"{path}: ONNX graph written (weights referenced in {path.name}.data, which is not written)")
 
 
+@main.command("gpus")
+@click.option("--budget", type=click.Path(dir_okay=False), help="Also list the custom [gpu.NAME] entries of this budget file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the costlens.gpus/1 JSON document.")
+@friendly_errors
+def gpus_command(budget: str | None, as_json: bool) -> None:
+    """List the accelerators --gpu accepts: memory, dense peak FLOP/s per dtype, memory bandwidth."""
+    from costlens import gpus
+    from costlens.render.gpus import gpus_text
+    custom = ()
+    if budget:
+        from costlens.budgets import load_budget
+        custom = load_budget(budget).accelerators
+    document = gpus.table_document(custom)
+    click.echo(json.dumps(document, indent=2) if as_json else gpus_text(document))
+
+
+def _name_json_schemas(group: click.Group) -> None:
+    """Each command's --json help names the schema that command prints (setup_options is shared)."""
+    # written out: render/validate.py imports the measuring code (torch); test_cli_errors checks they agree
+    schemas = {"validate": "costlens.validate/1", "fit": "costlens.fit/1"}
+    for name, schema in schemas.items():
+        for param in getattr(group.commands.get(name), "params", ()):
+            if param.name == "as_json":
+                param.help = f"Print the {schema} JSON document."
+
+
 from costlens.cli_ci import register  # noqa: E402  (cli_ci never imports cli)
 
 register(main)
 
-from costlens.cli_fit import register as register_fit  # noqa: E402  (it reads cli only inside register)
+from costlens.cli_fit import register as register_fit  # noqa: E402  (fit is defined over this module's options)
 
-register_fit(main)
+register_fit(main, sys.modules[__name__])
+_name_json_schemas(main)
 
 if __name__ == "__main__":
     main()

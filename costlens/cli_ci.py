@@ -131,7 +131,7 @@ def _same_setup(budget, document: dict, source: str) -> None:
 def check(model: str, budget: str, output_format: str, output: str | None, html_path: str | None) -> None:
     """Price the budget file's plans for MODEL; exit 1 when a limit is exceeded."""
     import costlens
-    from costlens.budgets import judge, load_budget, setup_of
+    from costlens.budgets import derived_of, job_of, judge, load_budget, setup_of
     from costlens.estimate import estimate
     from costlens.plans import parse_plan_spec, with_name
     from costlens.render import check as render
@@ -147,7 +147,7 @@ def check(model: str, budget: str, output_format: str, output: str | None, html_
             results.append((plan_budget.spec, estimate(loaded, plan, setup)))
         except CostlensError as e:
             raise CostlensError(f"{budget}: plan {plan_budget.name!r}: {e}") from None
-    document = plan_document(loaded, results)
+    document = plan_document(loaded, results, derived=derived_of(parsed), job=job_of(parsed))
     verdicts = judge(parsed, document)
     writers = {"text": lambda: render.check_text(verdicts, model, budget),
                "json": lambda: render.check_json(verdicts, model, budget, document.get("setup") or {}),

@@ -49,3 +49,33 @@ def friendly_errors(command):
                 raise
             fail(f"could not analyse the model ({type(e).__name__}: {e}); rerun with --debug for details")
     return wrapper
+
+
+class Tolerance(click.ParamType):
+    """A relative tolerance: ``5%`` or ``0.05`` (both 5%). A bare number above 1 is refused rather than
+    read as a multiple (``5`` would mean 500%); negatives are refused."""
+
+    name = "FRACTION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        percent = text.endswith("%")
+        try:
+            number = float(text[:-1] if percent else text)
+        except ValueError:
+            self.fail(f"{value!r} is not a tolerance: write 5% or 0.05", param, ctx)
+        if not number == number or number in (float("inf"), float("-inf")):      # NaN, inf
+            self.fail(f"{value!r} is not a finite tolerance", param, ctx)
+        if number < 0:
+            self.fail(f"{value!r}: a tolerance cannot be negative", param, ctx)
+        if percent:
+            return number / 100.0
+        if number > 1:
+            self.fail(f"{value!r} would mean {number:.0%}: write {number:g}% for {number:g} percent, "
+                      f"or a fraction such as 0.05", param, ctx)
+        return number
+
+
+TOLERANCE = Tolerance()

@@ -57,8 +57,9 @@ class Ticker:
             sys.stderr.flush()
 
 
-def register(main: click.Group) -> None:
-    from costlens import cli
+def register(main: click.Group, cli) -> None:
+    """Add ``fit`` to ``main``; ``cli`` is the costlens.cli module, passed in (not imported,
+    so that the two modules form no import cycle): fit shares its plan and setup options."""
     from costlens.cli_help import add_examples
 
     @main.command()

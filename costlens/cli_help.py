@@ -12,7 +12,10 @@ EXAMPLES = {
     "plan": "costlens plan fixtures/llama.onnx --lora attn,ffn --rank 8 --seq 128\n"
             "  costlens plan benchmarks/configs/llama3-8b.json --peft adapter_config.json --recipe train.yaml",
     "compare": "costlens compare benchmarks/configs/llama3-8b.json --precision bf16-mixed --gpu h100 "
-               "--html report.html",
+               "--html report.html\n"
+               "  costlens compare benchmarks/configs/llama3-8b.json --plan 'qlora:lora=attn;rank=16' --quant nf4 "
+               "--precision bf16 --gpu a100 --tokens 200000000 --grad-accum 8 --price-per-hour 1.8",
+    "gpus": "costlens gpus\n  costlens gpus --budget costlens.toml --json",
     "validate": "costlens validate fixtures/moe.onnx --lora attn,router,experts --rank attn=8,router=4,experts=4 "
                 "--batch 2 --seq 64",
     "export": "costlens export benchmarks/configs/llama3-8b.json -o llama3-8b.onnx",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
-from costlens.api import Model
+from costlens.model import Model
 from costlens.errors import PlanError
 from costlens.flops import FlopCounts, count_flops
 from costlens.gradients import Adapter, StepAnalysis, analyze
@@ -30,12 +30,7 @@ class ParamCounts:
     active_per_token: int
 
 
-@dataclass(frozen=True)
-class StepTime:
-    gpu: str
-    peak_flops: float
-    mfu: float
-    seconds_per_step: float
+from costlens.gpus import StepTime  # noqa: E402,F401  (issue 16: the roofline time lives in gpus.py)
 
 
 @dataclass(frozen=True)
@@ -75,11 +70,17 @@ def estimate(model: Model, plan: Plan, setup: Setup | None = None) -> Estimate:
     model = with_stacked_ffn(model, plan)
     seq, assumptions = resolve_seq(model, setup)
     analysis = analyze(model, plan, {"batch": setup.batch, "seq": seq}, routed=setup.moe_dispatch == "routed")
-    flops = count_flops(analysis, setup.checkpointing)
+    flops = count_flops(analysis, setup.checkpointing, setup.attention)
+    memory = estimate_memory(analysis, plan, setup)
+    if setup.base_quant:       # QLoRA: frozen linears stored quantized (costlens/quant.py, issue 16)
+        from costlens.quant import quantize_base
+        from costlens.storages import Precision
+        precision = Precision.of(setup.precision)
+        memory = quantize_base(memory, analysis, setup, precision.weight, precision.activation)
     return Estimate(
         plan=plan, setup=setup, batch=setup.batch, seq=seq,
-        params=_count_params(analysis), memory=estimate_memory(analysis, plan, setup), flops=flops,
-        time=step_time(flops, setup), assumptions=tuple(assumptions + _assumptions(analysis, setup)),
+        params=_count_params(analysis), memory=memory, flops=flops,
+        time=step_time(flops, setup, memory), assumptions=tuple(assumptions + _assumptions(analysis, setup)),
         unsupported_ops=_unsupported(model, flops), trainable_keys=tuple(sorted(analysis.trainable)),
         adapters=analysis.adapters, model=model,
     )
@@ -93,13 +94,13 @@ def _unsupported(model: Model, flops: FlopCounts) -> Mapping[str, int]:
     return MappingProxyType(counts)
 
 
-def step_time(flops: FlopCounts, setup: Setup) -> StepTime | None:
+def step_time(flops: FlopCounts, setup: Setup, memory: MemoryBytes | None = None) -> StepTime | None:
+    """Roofline seconds per step at the peak of the precision's matmul dtype (costlens/gpus.py)."""
     if setup.gpu is None:
         return None
-    from costlens.gpus import gpu, seconds_per_step
-    accelerator = gpu(setup.gpu)
-    return StepTime(accelerator.name, accelerator.peak_flops, setup.mfu,
-                    seconds_per_step(flops.step, accelerator, setup.mfu))
+    from costlens.gpus import gpu, step_traffic_bytes, time_step
+    traffic = step_traffic_bytes(memory.weights, memory.gradients, memory.optimizer, memory.activations) if memory else 0
+    return time_step(flops.step, traffic, gpu(setup.gpu), setup.precision, setup.mfu)
 
 
 def with_stacked_ffn(model: Model, plan: Plan) -> Model:

@@ -42,10 +42,12 @@ class Probe:
     result: Estimate
     fits: bool
     concessions: int = 0   # 8-bit state, bf16 weights: memory saved at some fidelity
+    rank_peak: int | None = None   # bytes: the largest rank's peak on a parallel layout (--gpus)
 
     @property
     def peak_bytes(self) -> int:
-        return self.result.memory.peak
+        """Bytes the limit is checked against: one device's peak, or the largest rank's."""
+        return self.result.memory.peak if self.rank_peak is None else self.rank_peak
 
     @property
     def step_flops(self) -> int:
@@ -100,9 +102,19 @@ def fit(model, memory_bytes: int, *, search: str = "batch", plan: Plan | None = 
 def _pricer(model, plan: Plan, setup: Setup, usable: int, search: str, progress) -> Callable[[int], Probe]:
     def price(value: int) -> Probe:
         progress(f"{search} {value:,}")
-        result = estimate(model, plan, replace(setup, **{search: value}))
-        return Probe(plan.name, _spec(plan), result, result.memory.peak <= usable)
+        return _probe(plan.name, _spec(plan), estimate(model, plan, replace(setup, **{search: value})), usable)
     return price
+
+
+def _probe(name: str, spec: str, result: Estimate, usable: int, concessions: int = 0) -> Probe:
+    """A priced point; on a parallel layout the limit holds per rank (each GPU has its own memory)."""
+    rank_peak = None
+    if result.setup.is_parallel:
+        from costlens.parallel import estimate_parallel
+        s = result.setup
+        rank_peak = estimate_parallel(result, s.gpus, s.shard, s.tp, s.ep, s.offload, s.bandwidth).memory.peak
+    probe = Probe(name, spec, result, False, concessions, rank_peak)
+    return replace(probe, fits=probe.peak_bytes <= usable)
 
 
 def _largest(price: Callable[[int], Probe], cap: int, key: str):
@@ -184,7 +196,7 @@ def _group(model, spec: str, plan: Plan, setup: Setup, usable: int, variants, le
     def priced(variant) -> Probe:
         precision, optimizer, concessions = variant
         result = estimate(model, plan, replace(setup, precision=precision, optimizer=optimizer))
-        return Probe(plan.name, spec, result, result.memory.peak <= usable, concessions)
+        return _probe(plan.name, spec, result, usable, concessions)
 
     lean = priced(leanest)
     if not lean.fits:

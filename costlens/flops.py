@@ -77,12 +77,69 @@ def _needed(analysis: StepAnalysis, index: int, weight: bool | None = None) -> N
     return Needed(inputs, index in analysis.trainable_sites if weight is None else weight)
 
 
+def gathered_weights(analysis: StepAnalysis) -> frozenset[str]:
+    """Outputs of the routed Gathers that pick expert matrices per token (batched experts,
+    ``ParamUse.via``): an operand of the product that is a weight in all but form, so its
+    gradient is the expert weight's gradient, not an activation's."""
+    via = {u.via for u in analysis.model.roles.params if u.via}
+    return frozenset(out for node in analysis.model.graph.nodes if node.name in via for out in node.outputs)
+
+
+def _backward_split(analysis: StepAnalysis, ctx, index: int, needed: Needed, flops: int,
+                    gathered: frozenset[str]) -> tuple[int, int]:
+    """(input-gradient, weight-gradient) FLOPs of a node's backward; the gradient of a gathered
+    expert operand is a weight gradient (its share of the product)."""
+    node = analysis.model.graph.nodes[index]
+    rule = _rule(node)
+    full = rule.backward_flops(node, ctx, needed, flops)
+    weights_in = frozenset(i for i in needed.inputs if node.inputs[i] in gathered)
+    if not weights_in:
+        return full.input, full.weight
+    data_only = rule.backward_flops(node, ctx, Needed(needed.inputs - weights_in, needed.weight), flops)
+    return data_only.input, full.weight + (full.input - data_only.input)
+
+
 def adapter_tokens(analysis: StepAnalysis, index: int, share: dict[int, float]) -> int:
     out_shape = eval_shape(analysis.model.graph.shape(analysis.model.graph.nodes[index].outputs[0]), analysis.bindings)
     return round(numel(out_shape) // out_shape[-1] * share.get(index, 1.0)) if out_shape else 0
 
 
-def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCounts:
+def recomputed_nodes(analysis: StepAnalysis) -> set[int]:
+    """Nodes whose forward HF's non-reentrant checkpointing runs again in backward. It replays
+    each layer's forward only until every tensor that layer's backward unpacks exists again
+    (torch.utils.checkpoint stops early), so the ops after the last saved tensor's producer
+    (a layer's down projection and residual add) are not recomputed."""
+    from costlens.ops.saved import saved_by
+    from costlens.storages import Precision, StorageContext
+    ctx = StorageContext(analysis, Precision.of("fp32"))
+    graph, layers = analysis.model.graph, analysis.model.roles.node_layers
+    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
+    last: dict[int, int] = {}
+    for index, node in enumerate(graph.nodes):
+        layer = layers[index]
+        if layer is None or not analysis.runs_backward[index]:
+            continue
+        made = [producer.get(ctx.storage(x)) for x in saved_by(node, ctx) if isinstance(x, str) and x]
+        if index in analysis.adapter_at:
+            made.append(index)                 # the adapter's x·A is made by this node's LoRA branch
+        for origin in made:
+            if origin is not None and layers[origin] == layer:
+                last[layer] = max(last.get(layer, -1), origin)
+    return {i for i, layer in enumerate(layers) if layer is not None and i <= last.get(layer, -1)}
+
+
+def kernel_score_recompute(analysis: StepAnalysis) -> int:
+    """FLOPs a fused attention kernel's backward adds: it keeps no probabilities, so it computes
+    Q·Kᵀ once more before dP, dS, dQ, dK, dV (torch.utils.flop_counter's sdpa backward: 5
+    products of a forward's 2)."""
+    total = 0
+    for block in analysis.model.roles.attentions:
+        if block.kind == "eager" and analysis.runs_backward[block.score_node]:
+            total += node_forward_flops(analysis, block.score_node, analysis.expert_share) or 0
+    return total
+
+
+def count_flops(analysis: StepAnalysis, checkpointing: bool = False, attention: str = "eager") -> FlopCounts:
     """FLOPs of one step (2 x MACs): forward, backward split into input and weight gradients,
     and the recompute of checkpointed layers; ops whose shapes are unknown listed as unpriced."""
     graph = analysis.model.graph
@@ -90,8 +147,10 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
     share = analysis.expert_share
     adapter_at = analysis.adapter_at
     tensor_adapters_at = analysis.tensor_adapters_at
+    gathered = gathered_weights(analysis)
     forward = backward_input = backward_weight = recompute = 0
     unpriced: list[str] = []
+    recomputed = recomputed_nodes(analysis) if checkpointing else set()
     for index, node in enumerate(graph.nodes):
         flops = node_forward_flops(analysis, index, share, ctx)
         if flops is None:
@@ -106,7 +165,8 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
             forward += adapted_forward
             backward_weight += adapted_weight_grads
             if analysis.runs_backward[index] and flops:     # the merged weights' gradients are counted above
-                backward_input += _rule(node).backward_flops(node, ctx, _needed(analysis, index, True), flops).input
+                backward_input += _backward_split(analysis, ctx, index, _needed(analysis, index, True), flops,
+                                                  gathered)[0]
             continue
         if adapter is not None:
             tokens = adapter_tokens(analysis, index, share)
@@ -114,16 +174,19 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False) -> FlopCoun
         forward += flops + lora
         if not analysis.runs_backward[index]:
             continue
-        if checkpointing and analysis.model.roles.node_layers[index] is not None:
+        if index in recomputed:
             recompute += flops + lora
         if flops:
-            grads = _rule(node).backward_flops(node, ctx, _needed(analysis, index), flops)
-            backward_input, backward_weight = backward_input + grads.input, backward_weight + grads.weight
+            grads_input, grads_weight = _backward_split(analysis, ctx, index, _needed(analysis, index), flops, gathered)
+            backward_input, backward_weight = backward_input + grads_input, backward_weight + grads_weight
         if adapter is not None:
             backward_weight += lora                                               # dA and dB
             backward_input += costs.matmul_flops(tokens, adapter.d_out, adapter.rank)  # d(xA)
             if analysis.needs(node.inputs[0]):
                 backward_input += costs.matmul_flops(tokens, adapter.rank, adapter.d_in)  # dX through A
+    from costlens.storages import fused_kernel
+    if fused_kernel(attention):
+        backward_input += kernel_score_recompute(analysis)
     return FlopCounts(forward, backward_input, backward_weight, recompute, tuple(unpriced))
 
 

@@ -8,16 +8,20 @@ this once per plan; FLOPs (flops.py) and memory (memory.py) both read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-from costlens.api import Model
+from costlens.model import Model
 from costlens.errors import PlanError, StructureError
 from costlens.ir import FLOAT_DTYPES
-from costlens.plans import LORA_TARGETS, Plan, select
+from costlens.plans import LORA_TARGETS, Plan, lora_target_base, select
 from costlens.roles.types import ParamUse, Role
 
 
-# Parameter kinds LoRA never adapts: vectors and tables, not linear maps (PEFT targets linears)
-NOT_ADAPTED = frozenset({"bias", "norm", "token", "position", "sink"})
+# Parameter kinds LoRA never adapts: vectors and tables, not linear maps (PEFT targets linears),
+# and a d -> 1 sigmoid gate scaling a unit's output (Qwen2-MoE's shared_expert_gate): rank-r
+# factors of a width-1 map hold r·(d+1) > d parameters, and PEFT's shared-expert targets
+# (shared_expert.gate_proj / up_proj / down_proj) do not name it.
+NOT_ADAPTED = frozenset({"bias", "norm", "embed_norm", "token", "position", "sink", "gate_scale"})
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,14 @@ class StepAnalysis:
     weights: frozenset[str]               # tensors computed from constants alone
     expert_share: dict                    # node -> share of tokens an expert matmul sees (k/E when routed)
 
-    @property
+    # cached_property writes the instance __dict__ directly, which a frozen dataclass allows;
+    # both maps are asked for once per node by the FLOP and memory passes (was rebuilt each time)
+    @cached_property
     def adapter_at(self) -> dict[int, Adapter]:
         """The LoRA adapter on a linear site (one weight per node)."""
         return {a.site: a for a in self.adapters if not a.n_experts}
 
-    @property
+    @cached_property
     def tensor_adapters_at(self) -> dict[int, tuple[Adapter, ...]]:
         """Adapters on 3-D expert tensors, by node: a fused MoE op can hold several (fc1, fc2)."""
         found: dict[int, tuple[Adapter, ...]] = {}
@@ -125,7 +131,7 @@ def lora_adapters(model: Model, plan: Plan, bindings: dict[str, int]) -> list[Ad
     index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
     adapted: set[str] = set()
     for target in plan.lora:
-        if target not in LORA_TARGETS:
+        if lora_target_base(target) not in LORA_TARGETS:
             raise PlanError(f"LoRA target {target!r} is not a linear role (choose from {', '.join(LORA_TARGETS)})")
         rank = plan.rank_for(target)
         chosen = select(model.roles.params, target, model.roles)
@@ -176,18 +182,23 @@ def gradient_flow(model: Model, trainable_sites: set[int], cuts: set[str]):
 
 def stop_grad_cuts(model: Model, plan: Plan) -> set[str]:
     cuts: set[str] = set()
+    consumers_of: dict[str, list] = {}
     for target in plan.stop_grad:
         if target != "attn":
             raise PlanError(f"--stop-grad {target!r}: only 'attn' (detach every attention output) is supported")
+        if not consumers_of:          # one pass over the graph, not one per attention site
+            for node in model.graph.nodes:
+                for x in dict.fromkeys(node.inputs):
+                    consumers_of.setdefault(x, []).append(node)
         for attention in model.roles.attentions:
             for site in attention.o_sites:
-                cuts.add(_after_bias(model, model.graph.nodes[site].outputs[0]))
+                cuts.add(_after_bias(model, model.graph.nodes[site].outputs[0], consumers_of))
     return cuts
 
 
-def _after_bias(model: Model, tensor: str) -> str:
+def _after_bias(model: Model, tensor: str, consumers_of: dict[str, list]) -> str:
     """Follow a linear's output through its bias add (the detach comes after the bias)."""
-    consumers = [n for n in model.graph.nodes if tensor in n.inputs]
+    consumers = consumers_of.get(tensor, [])
     if len(consumers) == 1 and consumers[0].op == "Add":
         others = [x for x in consumers[0].inputs if x != tensor]
         if others and all(x in model.graph.constants for x in others):

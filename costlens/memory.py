@@ -18,6 +18,7 @@ from costlens.ops.saved import backward_transient
 from costlens.optimizers import state_bytes, step_temporaries
 from costlens.plans import Plan, Setup
 from costlens.shapes import numel
+from costlens.ops.autocast import autocast_grad_copies
 from costlens.storages import VIEW_OPS, Precision, SavedStorage, StorageContext, collect_saved
 
 
@@ -52,7 +53,7 @@ def _grads_at(analysis: StepAnalysis, precision: Precision) -> dict[int, int]:
             site = index_of[use.site]
             grads[site] = grads.get(site, 0) + use.n_params * precision.weight
     for adapter in analysis.adapters:
-        grads[adapter.site] = grads.get(adapter.site, 0) + adapter.n_params * precision.weight
+        grads[adapter.site] = grads.get(adapter.site, 0) + adapter.n_params * precision.adapter
     return grads
 
 
@@ -63,7 +64,7 @@ def _transient(ctx: StorageContext, node: Node, share: float = 1.0) -> int:
         return 0
     total = sum(ctx.nbytes(o) for o in node.outputs if o and ctx.needs(o))
     total += sum(ctx.nbytes(x) for x in node.inputs if x and ctx.needs(x))
-    return round(total * share) + backward_transient(node, ctx)
+    return round(total * share) + backward_transient(node, ctx) + autocast_grad_copies(node, ctx)
 
 
 # --------------------------------------------------------------------------- estimate
@@ -75,10 +76,14 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
     shapes = trainable_shapes(analysis)
     n_trainable = sum(numel(s) for s in shapes)
     adapter_params = sum(a.n_params for a in analysis.adapters)
-    weights = (roles.params_total + adapter_params) * precision.weight
-    gradients = n_trainable * precision.weight
-    optimizer = sum(state_bytes(setup.optimizer, s, precision.state) for s in shapes)
-    optimizer += n_trainable * precision.master
+    n_base = n_trainable - adapter_params
+    adapter_shapes = shapes[len(shapes) - 2 * len(analysis.adapters):] if analysis.adapters else []
+    base_shapes = shapes[:len(shapes) - len(adapter_shapes)]
+    weights = roles.params_total * precision.weight + adapter_params * precision.adapter
+    gradients = n_base * precision.weight + adapter_params * precision.adapter
+    optimizer = sum(state_bytes(setup.optimizer, s, precision.state) for s in base_shapes)
+    optimizer += sum(state_bytes(setup.optimizer, s, precision.adapter_state) for s in adapter_shapes)
+    optimizer += n_base * precision.master
     persistent = weights + optimizer
 
     logits = graph.outputs[0]
@@ -86,8 +91,7 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
     trains = any(analysis.runs_backward)
     saved = collect_saved(analysis, ctx, plan, setup) if trains else {}
     if trains:   # cross-entropy keeps log_softmax(logits), fp32 under autocast
-        log_softmax = logits_bytes // precision.activation * (4 if precision.mixed else precision.activation)
-        saved["loss:log_softmax"] = SavedStorage(log_softmax, len(graph.nodes))
+        saved["loss:log_softmax"] = SavedStorage(_loss_bytes(ctx, precision), len(graph.nodes))
     layer_items, layer_keys = _checkpointed(analysis, saved) if setup.checkpointing else ({}, set())
     held_at_start = sum(item.n_bytes for key, item in saved.items() if key not in layer_keys)
     if setup.checkpointing:
@@ -104,6 +108,14 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
     phase = max(phases, key=phases.get)
     return MemoryBytes(weights, gradients, optimizer, activations, phases[phase], phase,
                        _by_layer(analysis, saved))
+
+
+def _loss_bytes(ctx: StorageContext, precision: Precision) -> int:
+    """Bytes of one logits-sized tensor of the loss: autocast runs cross-entropy in fp32 (it
+    upcasts half logits), so log_softmax and its gradients are fp32 there."""
+    logits = ctx.graph.outputs[0]
+    elements = numel(ctx.shape(logits) or ())
+    return elements * (4 if precision.mixed else precision.activation)
 
 
 def _by_layer(analysis: StepAnalysis, saved: dict) -> tuple[tuple[int | None, int], ...]:
@@ -125,7 +137,7 @@ def _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, base, held
             released[item.release] = released.get(item.release, 0) + item.n_bytes
     live = held_at_start
     routed = ctx.routed
-    grad_logits = ctx.nbytes(graph.outputs[0])
+    grad_logits = saved["loss:log_softmax"].n_bytes  # the loss's dtype: fp32 under autocast
     peak = base + live + 2 * grad_logits          # nll_loss and log_softmax gradients together
     live -= saved["loss:log_softmax"].n_bytes
     grads = 0
@@ -161,9 +173,35 @@ def _checkpointed(analysis: StepAnalysis, saved: dict) -> tuple[dict[int, list],
 
 
 def _layer_inputs(analysis: StepAnalysis, ctx: StorageContext) -> int:
+    """What checkpointed layers keep from the forward: each layer's input hidden states, and
+    the side inputs HF passes into every layer (the attention mask, the RoPE cos / sin
+    tables), which the recompute closures hold alive; those are shared, so counted once."""
     arch = analysis.model.roles.architecture
     tokens = analysis.bindings["batch"] * analysis.bindings["seq"]
-    return arch.layers * tokens * (arch.hidden or 0) * ctx.precision.activation
+    return arch.layers * tokens * (arch.hidden or 0) * ctx.precision.activation + _side_inputs(analysis, ctx)
+
+
+def _side_inputs(analysis: StepAnalysis, ctx: StorageContext) -> int:
+    """Float storages made outside the layers and read inside them, other than the residual
+    stream ([b, s, hidden], counted per layer); a fused attention kernel gets no mask tensor
+    (HF calls it with is_causal), so 4-D masks are left out then."""
+    from costlens.storages import fused_kernel
+    graph, layers = analysis.model.graph, analysis.model.roles.node_layers
+    hidden = analysis.model.roles.architecture.hidden
+    outside = {o for i, n in enumerate(graph.nodes) if layers[i] is None for o in n.outputs if o}
+    found: dict[str, int] = {}
+    for index, node in enumerate(graph.nodes):
+        if layers[index] is None:
+            continue
+        for x in node.inputs:
+            if not x or x not in outside or ctx.is_weight(x) or ctx.graph.dtype(x) in ("int64", "int32", "bool"):
+                continue
+            root = ctx.storage(x)
+            shape = ctx.shape(root) or ()
+            if (len(shape) == 3 and shape[-1] == hidden) or (len(shape) == 4 and fused_kernel(ctx.attention)):
+                continue
+            found[root] = ctx.nbytes(root)
+    return sum(found.values())
 
 
 def _largest_activation(ctx: StorageContext) -> int:

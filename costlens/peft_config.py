@@ -68,7 +68,7 @@ def is_transformers_source(source: str) -> bool | None:
     """Whether a model source builds a transformers PreTrainedModel: True for a config.json, a
     model folder or a hub id; for an import spec, the factory's module class decides (built on
     the meta device); None for an ONNX file (its module class is unknown)."""
-    from costlens.api import IMPORT_SPEC
+    from costlens.frontends.source import IMPORT_SPEC
     text = str(source)
     path = Path(text)
     if path.suffix.lower() == ".onnx" or (path.is_file() and path.suffix.lower() != ".json"):
@@ -287,13 +287,49 @@ def _cover_lora(ranks: dict[str, int], model, source: str) -> tuple[list[str], d
             chosen.append(target)
             rank_of[target] = ranks[next(iter(keys))]
             covered |= keys
+    for target, rank in _layer_scoped(ranks, covered, linear, model):
+        chosen.append(target)
+        rank_of[target] = rank
+        covered |= _selection(model, target) & linear
     left = set(ranks) - covered
     if left:
         paths = sorted({_display(model, k) for k in left})
-        raise PlanError(f"{source}: costlens cannot express LoRA on {', '.join(paths)} alone: its LoRA targets adapt a "
-                        "role or projection kind in every layer at one rank (attn, q, k, v, o, ffn, up, gate, down, "
-                        "router, experts, shared_experts, head)")
+        raise PlanError(f"{source}: costlens cannot express LoRA on {', '.join(paths)}: its LoRA targets adapt a "
+                        "role or projection kind at one rank in every layer or in a layer range (attn, q, k, v, o, "
+                        "ffn, up, gate, down, router, experts, shared_experts, head; q@layers:A-B)")
     return chosen, rank_of
+
+
+def _layer_scoped(ranks: dict[str, int], covered: set[str], linear: set[str], model) -> list[tuple[str, int]]:
+    """(``target@layers:A-B``, rank) pairs for what whole-model targets left: PEFT's
+    ``layers_to_transform`` and per-layer ``rank_pattern`` adapt a kind in some layers only, or
+    at different ranks by layer. Per kind, runs of consecutive layers at one rank become one
+    scoped target; a layer where the kind is only partly adapted stays unexpressed."""
+    found = []
+    for target in (*ROLE_TARGETS, *KIND_TARGETS):
+        per_layer: dict[int, int] = {}
+        for layer in range(model.roles.architecture.layers):
+            keys = _selection(model, f"{target}@layers:{layer}") & linear
+            if keys and keys <= set(ranks) and not keys & covered and len({ranks[k] for k in keys}) == 1:
+                per_layer[layer] = ranks[next(iter(keys))]
+        for first, last, rank in _runs(per_layer):
+            scope = f"layers:{first}" if first == last else f"layers:{first}-{last}"
+            found.append((f"{target}@{scope}", rank))
+            covered = covered | {k for layer in range(first, last + 1)
+                                 for k in _selection(model, f"{target}@layers:{layer}") & linear}
+    return found
+
+
+def _runs(per_layer: dict[int, int]) -> list[tuple[int, int, int]]:
+    """Maximal runs (first, last, rank) of consecutive layers at one rank."""
+    runs: list[tuple[int, int, int]] = []
+    for layer in sorted(per_layer):
+        rank = per_layer[layer]
+        if runs and runs[-1][1] == layer - 1 and runs[-1][2] == rank:
+            runs[-1] = (runs[-1][0], layer, rank)
+        else:
+            runs.append((layer, layer, rank))
+    return runs
 
 
 def _cover_train(saved: dict[str, str], model, source: str) -> list[str]:

@@ -35,8 +35,20 @@ ROLE_SELECTORS: dict[str, tuple[Role, frozenset[str] | None]] = {
 SPECIAL_SELECTORS = ("all", "stacked")
 LORA_TARGETS = ("attn", "q", "k", "v", "o", "ffn", "up", "gate", "down", "router", "experts", "shared_experts", "head")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd", "sgd-momentum", "adafactor")
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
-ATTENTION_IMPLS = ("eager", "fused")
+# fp32; "bf16-autocast"/"fp16-autocast": fp32 weights, gradients and optimizer state, the forward
+# under torch.autocast (the HF Trainer's bf16=True / fp16=True); "bf16": pure bf16 weights and
+# optimizer state; "bf16-mixed"/"fp16-mixed": half-precision weights with an fp32 master copy.
+PRECISIONS = ("fp32", "bf16-autocast", "fp16-autocast", "bf16", "bf16-mixed", "fp16-mixed")
+# "eager": the softmax(QK^T)V ops as written; "sdpa": torch.nn.functional.scaled_dot_product_attention
+# as torch dispatches it on the device (HF's default); "fused": a flash-style kernel that saves the
+# output and its log-sum-exp only.
+ATTENTION_IMPLS = ("eager", "sdpa", "fused")
+# "ce": cross-entropy of the logits against the ids; "hf": as transformers computes it (logits
+# upcast to fp32, shifted by one, cross-entropy); "chunked": the loss over token chunks that never
+# holds the full logits.
+LOSSES = ("ce", "hf", "chunked")
+SHARD_MODES = ("none", "ddp", "zero1", "zero2", "zero3")   # how data-parallel ranks share the model
+OFFLOAD = (None, "optimizer", "params")                    # what lives in host memory between uses
 LAYER_RANGE = re.compile(r"^layers:(\d+)(?:-(\d+))?$")
 
 
@@ -70,7 +82,8 @@ class Setup:
     optimizer: str = "adamw"
     precision: str = "fp32"
     attention: str = "eager"
-    checkpointing: bool = False
+    checkpointing: bool = False          # HF gradient_checkpointing_enable: non-reentrant, per decoder layer
+    loss: str = "ce"                     # LOSSES
     optimizer_impl: str = "for-loop"     # "foreach" keeps whole-model temporaries (CUDA default)
     gpu: str | None = None
     mfu: float = 0.4
@@ -83,6 +96,12 @@ class Setup:
     ep: int = 1                          # expert-parallel ranks
     offload: str | None = None           # None | "optimizer" | "params"
     bandwidth: float = 100.0             # GB/s per rank, for the communication time
+    base_quant: str | None = None        # None | "nf4" | "nf4-dq" | "int8": frozen linears stored by bitsandbytes (quant.py)
+
+    @property
+    def is_parallel(self) -> bool:
+        """Whether the step runs on a parallel layout (per-rank figures, costlens/parallel/)."""
+        return (self.gpus, self.shard, self.tp, self.ep, self.offload) != (1, "none", 1, 1, None)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -138,6 +157,8 @@ def plan_from_options(name: str, train=None, freeze=None, lora=None, rank=None, 
         raise PlanError(f"plan {name!r}: unknown key(s) {', '.join(sorted(unknown))} "
                         f"(known: {', '.join(k.replace('_', '-') for k in PLAN_KEYS)})")
     default_rank, ranks = parse_ranks(rank)
+    _check_consistent(name, split_list(train), split_list(freeze), split_list(lora), ranks,
+                      {"rank": rank, "alpha": alpha, "lora-dropout": lora_dropout})
     plan = Plan(
         name=name, train=split_list(train), freeze=split_list(freeze), lora=split_list(lora),
         ranks=MappingProxyType(ranks), rank=default_rank or 8,
@@ -148,6 +169,33 @@ def plan_from_options(name: str, train=None, freeze=None, lora=None, rank=None, 
         stop_grad=split_list(stop_grad),
     )
     return plan
+
+
+def _check_consistent(name: str, train: tuple, freeze: tuple, lora: tuple, ranks: dict, adapter_options: dict) -> None:
+    """Refuse options that would be silently ignored or contradict each other (issue 16 item 7)."""
+    where = f"plan {name!r}: " if name not in ("", "full") and "=" not in name else ""   # spec-named: the options speak
+    both = sorted(set(train) & set(freeze))
+    if both:
+        raise PlanError(f"{where}{', '.join(both)} is both in --train and in --freeze: choose one")
+    if not lora:
+        given = [key for key, value in adapter_options.items() if value not in (None, "")]
+        if given:
+            raise PlanError(f"{where}--{given[0]} sets a LoRA adapter, but the plan has none: add --lora TARGETS "
+                            "(e.g. --lora attn)")
+        return
+    stray = sorted(set(ranks) - set(lora))
+    if stray:
+        raise PlanError(f"{where}--rank {stray[0]}=...: {stray[0]!r} is not a --lora target "
+                        f"(targets: {', '.join(lora)})")
+
+
+def check_unique_names(plans) -> None:
+    """Refuse two plans of the same name (a comparison could not tell them apart)."""
+    seen = set()
+    for plan in plans:
+        if plan.name in seen:
+            raise PlanError(f"two plans are named {plan.name!r}: give each --plan its own NAME:")
+        seen.add(plan.name)
 
 
 MAX_STACKED = 1024        # extra FFN sublayers per block; far beyond any model, and each is priced
@@ -173,9 +221,9 @@ def _alpha(text) -> float:
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise PlanError(f"alpha: {text!r} is not a number") from None
+        raise PlanError(f"--alpha: {text!r} is not a number (the LoRA scaling alpha, e.g. 16)") from None
     if not math.isfinite(value):
-        raise PlanError(f"alpha: must be a finite number, got {text!r}")
+        raise PlanError(f"--alpha: must be a finite number, got {text!r}")
     return value
 
 
@@ -223,11 +271,17 @@ def load_plans_file(path: str) -> list[tuple[str, Plan]]:
         raise PlanError(f"{path}: expected one or more [[plan]] tables")
     plans = []
     for number, table in enumerate(tables, 1):
+        if plans and (table.get("name") or f"plan{number}") in {plan.name for _, plan in plans}:
+            raise PlanError(f"{path}: [[plan]] {number}: the name {table.get('name')!r} is taken by an earlier plan")
         name = table.get("name") or f"plan{number}"
         if not isinstance(name, str):
             raise PlanError(f"{path}: [[plan]] {number}: name must be a string, got {name!r}")
         if "spec" in table:
             extra = sorted(set(table) - {"name", "spec"})
+            unknown = [key for key in extra if key.replace("-", "_") not in PLAN_KEYS]
+            if unknown:
+                raise PlanError(f"{path}: [[plan]] {name!r}: unknown key(s) {', '.join(unknown)} "
+                                f"(known: name, spec, {', '.join(k.replace('_', '-') for k in PLAN_KEYS)})")
             if extra:
                 raise PlanError(f"{path}: [[plan]] {name!r}: give either spec or keys, not both ({', '.join(extra)})")
             plans.append((str(table["spec"]), parse_plan_spec(str(table["spec"]), name)))
@@ -236,7 +290,8 @@ def load_plans_file(path: str) -> list[tuple[str, Plan]]:
                    for key, value in table.items() if key != "name"}
         unknown = sorted(set(options) - set(PLAN_KEYS))
         if unknown:
-            raise PlanError(f"{path}: [[plan]] {name!r}: unknown key(s) {', '.join(unknown)}")
+            raise PlanError(f"{path}: [[plan]] {name!r}: unknown key(s) {', '.join(unknown)} "
+                            f"(known: name, spec, {', '.join(k.replace('_', '-') for k in PLAN_KEYS)})")
         spec = ";".join(f"{k.replace('_', '-')}={v}" for k, v in options.items()) or "full"
         plans.append((spec, plan_from_options(name, **options)))
     return plans
@@ -247,6 +302,8 @@ def check_setup(setup: Setup) -> Setup:
         raise PlanError(f"unknown optimizer {setup.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
     if setup.precision not in PRECISIONS:
         raise PlanError(f"unknown precision {setup.precision!r} (choose from {', '.join(PRECISIONS)})")
+    if setup.loss not in LOSSES:
+        raise PlanError(f"unknown loss {setup.loss!r} (choose from {', '.join(LOSSES)})")
     if setup.attention not in ATTENTION_IMPLS:
         raise PlanError(f"unknown attention {setup.attention!r} (choose from {', '.join(ATTENTION_IMPLS)})")
     if setup.device not in ("cuda", "cpu"):
@@ -255,18 +312,60 @@ def check_setup(setup: Setup) -> Setup:
         raise PlanError(f"unknown MoE dispatch {setup.moe_dispatch!r} (routed or dense)")
     if setup.batch <= 0 or (setup.seq is not None and setup.seq <= 0):
         raise PlanError("batch and seq must be positive")
+    check_sizes(setup.batch, setup.seq)
     if (setup.gpus, setup.shard, setup.tp, setup.ep, setup.offload) != (1, "none", 1, 1, None):
-        from costlens.parallel import check_parallel
         check_parallel(setup.gpus, setup.shard, setup.tp, setup.ep, setup.offload)
     if setup.bandwidth <= 0:
         raise PlanError("--bandwidth must be positive (GB/s)")
+    if setup.base_quant not in (None, "nf4", "nf4-dq", "int8"):
+        raise PlanError(f"unknown --quant {setup.base_quant!r} (nf4, nf4-dq or int8)")
     return setup
+
+
+# Beyond these a figure describes no machine (issue 16 item 5). The longest contexts trained today are
+# about 10M tokens (Llama 4 Scout) and the largest batches a few million tokens per step.
+MAX_SEQ = 2**24              # tokens per sequence (16,777,216)
+MAX_BATCH = 2**20            # sequences per step per rank (1,048,576)
+MAX_TOKENS_PER_STEP = 2**32  # batch x seq (4.3e9 tokens: thousands of times any published step)
+
+
+def check_sizes(batch: int, seq: int | None) -> None:
+    """Refuse a batch or seq beyond any machine (PlanError with the limit and the reason)."""
+    if seq is not None and seq > MAX_SEQ:
+        raise PlanError(f"--seq {seq:,} is beyond any machine (at most {MAX_SEQ:,} tokens per sequence; "
+                        "the longest trained contexts are about 10M)")
+    if batch > MAX_BATCH:
+        raise PlanError(f"--batch {batch:,} is beyond sanity (at most {MAX_BATCH:,} sequences per step and rank; "
+                        "use --grad-accum and --gpus for a large global batch)")
+    if seq is not None and batch * seq > MAX_TOKENS_PER_STEP:
+        raise PlanError(f"--batch {batch:,} x --seq {seq:,} = {batch * seq:,} tokens per step is beyond any "
+                        f"machine (at most {MAX_TOKENS_PER_STEP:,})")
+
+
+def check_parallel(gpus: int, shard: str, tp: int, ep: int, offload: str | None) -> None:
+    """Refuse (PlanError) a parallel layout that cannot run: ranks must divide into tp x ep groups."""
+    if gpus < 1 or tp < 1 or ep < 1:
+        raise PlanError("--gpus, --tp and --ep must be positive")
+    if shard not in SHARD_MODES:
+        raise PlanError(f"unknown --shard {shard!r} (choose from {', '.join(SHARD_MODES)})")
+    if offload not in OFFLOAD:
+        raise PlanError(f"unknown --offload {offload!r} (optimizer or params)")
+    if gpus % (tp * ep):
+        raise PlanError(f"--gpus {gpus} is not a multiple of --tp {tp} x --ep {ep}")
+    if gpus // (tp * ep) > 1 and shard == "none":
+        raise PlanError(f"--gpus {gpus}: choose how data-parallel ranks share the model (--shard ddp|zero1|zero2|zero3)")
+    if offload == "params" and shard not in ("zero3",):
+        raise PlanError("--offload params needs --shard zero3 (only sharded parameters are offloaded)")
 
 
 # --------------------------------------------------------------------------- selection
 
 def select(uses: tuple[ParamUse, ...], selector: str, roles: RoleMap) -> set[str]:
-    """Keys of the parameter uses a selector names; a selector the model lacks is an error."""
+    """Keys of the parameter uses a selector names; a selector the model lacks is an error.
+    ``A@B`` scopes a selector to another (``q@layers:0-15``: the q projections of layers 0-15,
+    as PEFT's ``layers_to_transform`` adapts them); the scope must select something of ``A``."""
+    if "@" in selector:
+        return _scoped(uses, selector, roles)
     if selector == "all":
         return {u.key for u in uses}
     if selector == "stacked":
@@ -287,10 +386,50 @@ def select(uses: tuple[ParamUse, ...], selector: str, roles: RoleMap) -> set[str
         raise PlanError(f"unknown role {selector!r} (known: {known})")
     role, kinds = ROLE_SELECTORS[selector]
     chosen = {u.key for u in uses if u.role is role and (kinds is None or _kind_matches(u.kind, kinds))}
+    chosen |= {u.key for u in uses if u.kind in SELECTOR_EXTRA_KINDS.get(selector, ())}
     if not chosen:
         raise PlanError(f"the model has no {selector!r} parameters" +
                         (" (it is a dense model)" if role in (Role.ROUTER, Role.EXPERTS, Role.SHARED_EXPERTS) else ""))
+    return _with_ties(uses, chosen)
+
+
+# Uses of another role a selector also names: the norm of the embeddings (BERT, BLOOM) belongs to
+# the embedding block, so ``--freeze embed`` leaves nothing trainable below layer 0; ``norm``
+# names every normalization weight, the head transform's included (as LayerNorm tuning does).
+SELECTOR_EXTRA_KINDS = {"embed": ("embed_norm",), "norm": ("norm",)}
+
+
+def _with_ties(uses: tuple[ParamUse, ...], chosen: set[str]) -> set[str]:
+    """A tie is one tensor: a selector naming either use (token embedding, tied head) names both,
+    so freezing ``embed`` freezes the head's copy too, and training ``head`` trains the table."""
+    tied = [u for u in uses if u.tied_to]
+    if not tied:
+        return chosen
+    by_constant: dict[str, set[str]] = {}
+    for use in uses:
+        by_constant.setdefault(use.constant, set()).add(use.key)
+    for use in tied:
+        group = by_constant.get(use.tied_to, set()) | {use.key}
+        if group & chosen:
+            chosen |= group
     return chosen
+
+
+def _scoped(uses: tuple[ParamUse, ...], selector: str, roles: RoleMap) -> set[str]:
+    base, scopes = selector.split("@")[0], selector.split("@")[1:]
+    if not base or not all(scopes):
+        raise PlanError(f"{selector}: a scoped selector is SELECTOR@SCOPE, e.g. q@layers:0-15")
+    chosen = select(uses, base, roles)
+    for scope in scopes:
+        chosen &= select(uses, scope, roles)
+    if not chosen:
+        raise PlanError(f"{selector}: selects no parameter ({base!r} has none in {'@'.join(scopes)!r})")
+    return chosen
+
+
+def lora_target_base(target: str) -> str:
+    """The role part of a LoRA target (``q`` of ``q@layers:0-3``): what must be a linear role."""
+    return target.split("@", 1)[0]
 
 
 def _kind_matches(kind: str, kinds: frozenset[str]) -> bool:

@@ -47,8 +47,21 @@ def eval_dim(dim: Dim, bindings: dict[str, int]) -> int | None:
 
 
 def eval_shape(shape: Shape | None, bindings: dict[str, int]) -> tuple[int, ...] | None:
+    """``shape`` at ``bindings`` (elements per dim), None when a dim is unknown. Memoised:
+    shapes do not depend on the plan, so pricing five plans asks for the same few thousand
+    (shape, batch, seq) triples ~50k times; the key is the bindings' items, so a different
+    binding (or a mutated dict) is a different entry, never a stale one."""
     if shape is None:
         return None
+    try:
+        return _eval_shape_at(shape, tuple(bindings.items()))
+    except TypeError:                 # an unhashable shape (a list): evaluated uncached
+        return _eval_shape_at.__wrapped__(tuple(shape), tuple(bindings.items()))
+
+
+@lru_cache(maxsize=65536)
+def _eval_shape_at(shape: Shape, binding_items: tuple[tuple[str, int], ...]) -> tuple[int, ...] | None:
+    bindings = dict(binding_items)
     dims = tuple(eval_dim(d, bindings) for d in shape)
     return None if any(d is None for d in dims) else dims
 

@@ -13,16 +13,13 @@ from functools import cached_property
 
 from costlens.gradients import StepAnalysis
 from costlens.ir import Node
+from costlens.ops.autocast import AUTOCAST_FP32, AUTOCAST_HALF, INT_BYTES, autocast_casts, autocast_dtypes
 from costlens.ops.saved import Extra, saved_by
 from costlens.plans import Plan, Setup
 from costlens.shapes import eval_shape, numel
 
 VIEW_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Split",
                       "Expand", "Dropout"})
-# Ops autocast runs in fp32 under mixed precision (torch.amp's fp32 list).
-AUTOCAST_FP32 = frozenset({"Softmax", "LogSoftmax", "LayerNormalization", "Pow", "ReduceMean", "Sqrt",
-                           "Reciprocal", "Exp", "Log", "RMSNormalization"})
-INT_BYTES = {"int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
 
 
 @dataclass(frozen=True)
@@ -32,6 +29,18 @@ class Precision:
     state: int           # bytes per optimizer-state element
     master: int          # bytes of master copy per trainable parameter
     mixed: bool
+    autocast: bool = False   # torch.autocast on fp32 weights: each op picks its own dtype
+
+    @property
+    def adapter(self) -> int:
+        """Bytes per LoRA adapter element (and its gradient): PEFT keeps adapters fp32 on a pure
+        bf16 base (``autocast_adapter_dtype``); "-mixed" casts every parameter to half."""
+        return self.weight if self.master else 4
+
+    @property
+    def adapter_state(self) -> int:
+        """Bytes per optimizer-state element of an adapter: the adapter's own dtype, or fp32."""
+        return max(self.state, self.adapter)
 
     @staticmethod
     def of(name: str) -> "Precision":
@@ -39,6 +48,10 @@ class Precision:
             return Precision(4, 4, 4, 0, False)
         if name == "bf16":
             return Precision(2, 2, 2, 0, False)
+        if name.endswith("-autocast"):
+            # the HF Trainer's bf16=True / fp16=True: weights, gradients and AdamW stay fp32 with
+            # no master copy; matmuls run on half copies of their operands (autocast_dtypes)
+            return Precision(4, 2, 4, 0, True, True)
         return Precision(2, 2, 4, 4, True)      # bf16-mixed / fp16-mixed: half weights, fp32 master and state
 
 
@@ -52,7 +65,10 @@ class StorageContext:
         self.mask_bytes = 1 if device == "cuda" else precision.activation   # dropout masks
         self.graph = analysis.model.graph
         self.precision = precision
-        self.fused_inner = silu_sigmoid_outputs(self.graph) | rsqrt_sqrt_outputs(self.graph)
+        self.device = device
+        self.autocast_bytes = autocast_dtypes(self.graph, analysis.weights, device) if precision.autocast else {}
+        self.safe_softmax = safe_softmax_guards(self.graph)
+        self.fused_inner = silu_sigmoid_outputs(self.graph) | rsqrt_sqrt_outputs(self.graph) | set(self.safe_softmax)
         self.consumers: dict[str, list[int]] = {}
         for index, node in enumerate(self.graph.nodes):
             for name in node.inputs:
@@ -61,6 +77,11 @@ class StorageContext:
         self._index = {n.name: i for i, n in enumerate(self.graph.nodes)}
         self._producer = {o: n for n in self.graph.nodes for o in n.outputs if o}
         self._receives: set[str] | None = None
+        # a fused kernel writes its output [b, s, h, d]-ordered and returns the [b, h, s, d]
+        # transpose of it, so HF's transpose(1, 2).reshape(b, s, h·d) after it is a view
+        self.kernel_outputs = {self.graph.nodes[block.context_node].outputs[0]
+                               for block in analysis.model.roles.attentions if block.kind == "eager"} \
+            if fused_kernel(attention) else set()
 
     @cached_property
     def routed(self) -> dict[int, tuple[float, str, int]]:
@@ -101,10 +122,12 @@ class StorageContext:
 
     def act_bytes(self, op: str = "") -> int:
         """Bytes per element of an activation ``op`` produces (fp32 where autocast runs it in fp32)."""
+        if self.precision.autocast and self.device != "cuda":
+            return 2 if op in AUTOCAST_HALF else 4      # CPU autocast: only matmuls drop to half
         return 4 if self.precision.mixed and op in AUTOCAST_FP32 else self.precision.activation
 
     def fused_attention(self) -> bool:
-        return self.attention == "fused"
+        return fused_kernel(self.attention)
 
     def weight_bytes(self) -> int:
         return self.precision.weight
@@ -116,6 +139,8 @@ class StorageContext:
         dtype = self.graph.dtype(tensor) or "float32"
         if dtype in INT_BYTES:
             return INT_BYTES[dtype]
+        if self.autocast_bytes:
+            return self.autocast_bytes.get(tensor, 4)
         producer = self.producer(tensor)
         if self.precision.mixed and producer is not None and producer.op in AUTOCAST_FP32:
             return 4
@@ -126,15 +151,44 @@ class StorageContext:
 
     def storage(self, tensor: str) -> str:
         """The tensor whose storage this one shares (views), else itself."""
-        current = tensor
+        current = self.safe_softmax.get(tensor, tensor)
         while True:
             node = self.producer(current)
             if node is None or node.op not in VIEW_OPS or not node.inputs[0]:
                 return current
             base = self.producer(node.inputs[0])
-            if node.op == "Reshape" and base is not None and base.op in ("Transpose", "Expand"):
+            if node.op == "Reshape" and base is not None and base.op in ("Transpose", "Expand") \
+                    and not (base.op == "Transpose" and base.inputs[0] in self.kernel_outputs):
                 return current            # reshaping a non-contiguous tensor copies it
             current = node.inputs[0]
+
+    def bmm_copy_bytes(self, node: Node, tensor: str) -> int | None:
+        """Bytes of the copy of ``tensor`` that a batched product keeps, or None when it keeps the
+        tensor's own storage. torch.matmul runs a batched product as bmm on [batch·heads, m, k]
+        reshapes of its operands: an operand with fewer batch elements than the output is
+        expanded first (multi-query K / V: one head broadcast to all), and one whose batch dims
+        a transpose has permuted (GPT-2's v = split(qkv) viewed [b, h, s, d]) cannot be viewed
+        so; both are copied, at the output's batch size, and the copy is what bmm saves."""
+        shape, out = self.shape(tensor), self.shape(node.outputs[0])
+        other = [x for x in node.inputs[:2] if x != tensor]
+        if node.op != "MatMul" or not shape or not out or len(shape) < 3 or len(out) < 3:
+            return None
+        if other and len(self.shape(other[0]) or ()) < 3:
+            return None                  # a 3-D activation times a 2-D weight folds into one mm
+        batch = numel(out[:-2])
+        if batch == numel(shape[:-2]) and not self._batch_permuted(tensor):
+            return None
+        return batch * shape[-2] * shape[-1] * self.element_bytes(tensor)
+
+    def _batch_permuted(self, tensor: str) -> bool:
+        current = self.safe_softmax.get(tensor, tensor)
+        while current != self.storage(current):
+            node = self.producer(current)
+            perm = node.attrs.get("perm") if node.op == "Transpose" else None
+            if perm is not None and list(perm[:len(perm) - 2]) != list(range(len(perm) - 2)):
+                return True
+            current = node.inputs[0]
+        return False
 
     def nbytes(self, tensor: str) -> int:
         shape = self.shape(tensor)
@@ -147,6 +201,23 @@ def _users(graph) -> dict[str, list[Node]]:
         for name in node.inputs:
             users.setdefault(name, []).append(node)
     return users
+
+
+def safe_softmax_guards(graph) -> dict[str, str]:
+    """Where(IsNaN(p), 0, p) over a softmax output p, the NaN guard torch.export writes for
+    ``_safe_softmax`` (fully masked rows): torch runs it as one op that keeps its one output.
+    Maps each guard's output to the softmax output whose storage stands for it."""
+    producer = {o: n for n in graph.nodes for o in n.outputs if o}
+    found = {}
+    for node in graph.nodes:
+        if node.op != "Where" or len(node.inputs) < 3:
+            continue
+        condition = producer.get(node.inputs[0])
+        softmax = producer.get(node.inputs[2])
+        if condition is not None and condition.op == "IsNaN" and softmax is not None \
+                and softmax.op == "Softmax" and condition.inputs[0] == node.inputs[2]:
+            found[node.outputs[0]] = node.inputs[2]
+    return found
 
 
 def rsqrt_sqrt_outputs(graph) -> set[str]:
@@ -186,17 +257,38 @@ def _add(saved: dict, key: str, n_bytes: int, release: int) -> None:
         saved[key] = SavedStorage(n_bytes, release)
 
 
+def fused_kernel(attention: str) -> bool:
+    """The attention core runs as one kernel that keeps no seq x seq tensor. "sdpa": torch
+    picks its flash kernel for HF's call (causal, no mask tensor) on the CPU
+    (``_scaled_dot_product_flash_attention_for_cpu``) as on CUDA."""
+    return attention in ("fused", "sdpa")
+
+
+def _unrepeated(producer: dict[str, Node], tensor: str) -> str:
+    """K or V before HF's repeat_kv (unsqueeze, expand, reshape): SDPA with enable_gqa reads
+    the kv heads as they are and never makes the repeated copy."""
+    current, found = tensor, tensor
+    while (node := producer.get(current)) is not None and node.op in ("Transpose", "Reshape", "Expand", "Unsqueeze"):
+        current = node.inputs[0]
+        if node.op == "Expand":
+            found = current
+    if found != tensor and producer.get(found) is not None and producer[found].op == "Unsqueeze":
+        found = producer[found].inputs[0]
+    return found
+
+
 def _fused_attention_nodes(analysis: StepAnalysis) -> dict[int, list]:
     """With a fused kernel (flash / memory-efficient SDPA) no seq x seq tensor is kept:
-    the core saves q, k, v, its output and a per-row logsumexp instead."""
+    the core saves q, k, v (the kv heads, unrepeated), its output and a per-row logsumexp."""
     replaced: dict[int, list] = {}
     graph = analysis.model.graph
+    producer = {o: n for n in graph.nodes for o in n.outputs if o}
     for block in analysis.model.roles.attentions:
         if block.kind != "eager":
             continue
         score, context = graph.nodes[block.score_node], graph.nodes[block.context_node]
-        q, k = score.inputs[:2]
-        v, out = context.inputs[1], context.outputs[0]
+        q, k = score.inputs[0], _unrepeated(producer, score.inputs[1])
+        v, out = _unrepeated(producer, context.inputs[1]), context.outputs[0]
         for index in range(block.score_node, block.context_node + 1):
             replaced.setdefault(index, [])
         lse = (block.heads or 1) * analysis.bindings["batch"] * analysis.bindings["seq"] * 4
@@ -237,7 +329,7 @@ def collect_saved(analysis: StepAnalysis, ctx: StorageContext, plan: Plan, setup
     shared input."""
     saved: dict[str, SavedStorage] = {}
     graph = analysis.model.graph
-    fused = _fused_attention_nodes(analysis) if setup.attention == "fused" else {}
+    fused = _fused_attention_nodes(analysis) if fused_kernel(setup.attention) else {}
     adapter_at = analysis.adapter_at
     routed = ctx.routed
     producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
@@ -247,12 +339,17 @@ def collect_saved(analysis: StepAnalysis, ctx: StorageContext, plan: Plan, setup
         items = fused[index] if index in fused else saved_by(node, ctx)
         if index in adapter_at:
             items = items + _lora_saved(analysis, ctx, index, plan)
+        items = autocast_casts(node, items, ctx)
         for adapter in analysis.tensor_adapters_at.get(index, ()):
             items = items + _merged_weight_saved(ctx, node, adapter)
         for item in items:
             if isinstance(item, Extra):
                 _add(saved, item.key, item.n_bytes, index)
             elif item and not ctx.is_weight(item) and item not in graph.inputs:
+                copy = None if index in fused else ctx.bmm_copy_bytes(node, item)
+                if copy is not None:
+                    _add(saved, f"bmm_copy@{item}@{node.name}", copy, index)
+                    continue
                 root = ctx.storage(item)
                 made_in = routed.get(producer.get(root))
                 if made_in is not None:                        # made inside an expert: its routed share
@@ -279,7 +376,9 @@ def _routed_combine_saved(analysis: StepAnalysis, ctx: StorageContext, routed: d
     for name, (share, unit, _copies) in {v[1]: v for v in routed.values()}.items():
         index = downs[unit]
         out = graph.nodes[index].outputs[0]
-        weighted = [o for n in graph.nodes if out in n.inputs and n.op == "Mul" for o in n.outputs]
+        # issue 12 (speed): the consumers map, not a scan of every node per routed unit
+        weighted = [o for i in dict.fromkeys(ctx.consumers.get(out, ())) if graph.nodes[i].op == "Mul"
+                    for o in graph.nodes[i].outputs]
         if any(ctx.needs(t) for t in [out, *weighted]):     # the source needs a gradient
             found.append((f"routed_combine@{unit}", round(ctx.nbytes(out) * share), index))
     return found
@@ -304,13 +403,24 @@ def _lora_saved(analysis: StepAnalysis, ctx: StorageContext, index: int, plan: P
     share = analysis.expert_share.get(index, 1.0)
     rows = round((numel(x_shape) // x_shape[-1] if x_shape else 0) * share)
     act = ctx.precision.activation
-    items: list = [Extra(f"lora_xa@{node.name}", rows * adapter.rank * act)]
+    if ctx.precision.adapter == 4 and act == 2 and not ctx.precision.autocast:
+        # pure half base, fp32 adapters: PEFT casts x to the adapter's dtype, so A keeps an fp32
+        # copy of x and B an fp32 x·A
+        items: list = [Extra(f"lora_xa@{node.name}", rows * adapter.rank * 4)]
+        if plan.lora_dropout <= 0:
+            return items + [Extra(f"lora_x32@{node.name}", rows * adapter.d_in * 4)]
+    else:
+        items = [Extra(f"lora_xa@{node.name}", rows * adapter.rank * act)]
     if plan.lora_dropout > 0:        # A keeps the dropped copy; the mask is kept only if x needs a gradient
         items.append(Extra(f"lora_drop@{node.name}", rows * adapter.d_in * act))
         if ctx.needs(x):
             items.append(Extra(f"lora_mask@{node.name}", rows * adapter.d_in * ctx.mask_bytes))
     else:
         items.append(x)      # routed experts: collect_saved turns it into the gathered tokens' copy
+    if ctx.precision.autocast:   # autocast's cached half copies of the fp32 adapters: B's feeds dA,
+        items.append(Extra(f"autocast@lora_B@{node.name}", adapter.d_out * adapter.rank * 2))
+        if ctx.needs(x):         # A's feeds dX
+            items.append(Extra(f"autocast@lora_A@{node.name}", adapter.rank * adapter.d_in * 2))
     return items
 
 

@@ -11,6 +11,22 @@ sys.path.insert(0, str(FIXTURES))   # fixtures/anonymize.py, fixtures/models.py
 TORCH_FIXTURES = ["gpt2", "llama", "moe", "moe_fused", "stacked_ffn", "bert", "moe_anon"]
 
 
+def pytest_configure(config):
+    """Traced config graphs are cached in a fresh folder per test process, never in the user's
+    ~/.cache/costlens: a run starts cold and leaves nothing behind (tests/test_cache.py points
+    the cache at its own folders)."""
+    import os
+    import tempfile
+    config._costlens_cache = tempfile.TemporaryDirectory(prefix="costlens-test-cache-")
+    os.environ["COSTLENS_CACHE"] = config._costlens_cache.name
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_costlens_cache", None)
+    if cache is not None:
+        cache.cleanup()
+
+
 def truth(name: str) -> dict:
     path = FIXTURES / f"{name}.truth.json"
     assert path.is_file(), f"missing truth file {path}: a missing golden fails, never skips"

@@ -839,10 +839,13 @@ def _report(case: Case, folder: Path) -> Invocation:
             continue
     if kind == "hostile":      # names and free text a model or a user controls
         for plan in document["plans"]:
-            plan["name"] = HTML_MARKERS[0] + plan["name"]
-            plan.setdefault("assumptions", []).append(HTML_MARKERS[2])
+            plan["name"] = HTML_MARKERS[0] + str(plan["name"])
+            # a mutation above may have retyped the list: hostile text goes in as a list again
+            plan["assumptions"] = [*(a for a in plan.get("assumptions") or [] if isinstance(a, str)), HTML_MARKERS[2]] \
+                if isinstance(plan.get("assumptions"), list) or "assumptions" not in plan else [HTML_MARKERS[2]]
         document["model"]["source"] = HTML_MARKERS[2]
-        document["model"].setdefault("warnings", []).append(HTML_MARKERS[0])
+        warnings = document["model"].get("warnings")
+        document["model"]["warnings"] = [*(warnings if isinstance(warnings, list) else []), HTML_MARKERS[0]]
         markers = HTML_MARKERS
     path = folder / "estimate.json"
     path.write_text(json.dumps(document))

@@ -1,6 +1,8 @@
 """Budget files: units, defaults and overrides, malformed files (line and key named), verdicts."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import ROOT
@@ -154,8 +156,11 @@ def verdicts_for(limits: str, doc: dict, setup: str = ""):
 
 
 def test_every_limit_passes_within_budget():
+    doc = document(peak=20 * GiB)
+    doc["plans"][0]["job"] = {"cost": 100.0}
     verdicts = verdicts_for('peak_memory = "fits: l4"\ntrainable_params = "8K"\nstep_flops = "4 TFLOP"\n'
-                            'time_per_step = "1s"', document(peak=20 * GiB), setup='[setup]\ngpu = "h100"')
+                            'time_per_step = "1s"\nmax_cost = 150', doc,
+                            setup='[setup]\ngpu = "h100"\n[job]\ntokens = 1000\nprice_per_hour = 2.0')
     assert [v.limit for v in verdicts] == list(Limit) and all(v.passed for v in verdicts)
     flops = next(v for v in verdicts if v.limit is Limit.STEP_FLOPS)
     assert flops.excess == 0                                     # at the limit is within it
@@ -209,3 +214,43 @@ def test_gpu_table():
     with pytest.raises(CostlensError, match="unknown GPU"):
         gpus.gpu("tpu")
 
+
+
+def test_time_limit_of_an_old_document_uses_the_precision_peak():
+    """Issue 16 item 2: a saved document without plans[].time is timed at its precision's peak
+    (fp32: H100 SXM 67 TFLOP/s dense), not the bf16 tensor-core one."""
+    doc = document(peak=GiB)
+    doc["setup"]["precision"] = "fp32"
+    (verdict,) = verdicts_for('time_per_step = "1s"', doc, setup='[setup]\ngpu = "h100"\nmfu = 0.5')
+    assert verdict.value == pytest.approx(4e12 / (67e12 * 0.5))          # 0.119 s
+
+
+def test_custom_gpu_and_prices_tables():
+    budget = parse_budget('[gpu.my-card]\nmemory = "48GiB"\nbf16_tflops = 100\n[prices]\nmy-card = 1.5\n'
+                          '[setup]\ngpu = "my-card"\n[job]\ntokens = 1000\n'
+                          '[[plan]]\nspec = "full"\npeak_memory = "fits: my-card"\nmax_cost = 10\n')
+    assert budget.prices == {"my-card": 1.5} and budget.job["tokens"] == 1000
+    (memory, cost) = budget.plans[0].bounds
+    assert memory.maximum == 48 * GiB and cost.maximum == 10
+    from costlens.budgets import job_of
+    job = job_of(budget)
+    assert job.price_per_gpu_hour == 1.5 and job.price_source == "costlens.toml [prices]"
+
+
+@pytest.mark.parametrize("text, names", [
+    ('[job]\nbogus = 1\n[[plan]]\nspec = "full"\nstep_flops = 1\n', "job.bogus"),
+    ('[job]\ntokens = -5\n[[plan]]\nspec = "full"\nstep_flops = 1\n', "must be a positive number"),
+    ('[prices]\nh100 = "cheap"\n[[plan]]\nspec = "full"\nstep_flops = 1\n', "non-negative price"),
+    ('[gpu.x]\nmemory = "1GiB"\n[[plan]]\nspec = "full"\nstep_flops = 1\n', "needs bf16_tflops"),
+    ('[[plan]]\nspec = "full"\nmax_cost = 5\n', "max_cost needs the job"),
+])
+def test_job_tables_malformed(text, names):
+    with pytest.raises(BudgetError, match=re.escape(names)):
+        parse_budget(text, "costlens.toml")
+
+
+def test_derived_optimizer_impl_is_recorded():
+    from costlens.budgets import derived_of
+    assert "from [setup] gpu" in derived_of(parse_budget('[setup]\ngpu = "h100"\n[[plan]]\nspec = "full"\nstep_flops = 1\n'))["optimizer_impl"]
+    assert derived_of(parse_budget('[setup]\ngpu = "h100"\noptimizer_impl = "for-loop"\n'
+                                   '[[plan]]\nspec = "full"\nstep_flops = 1\n')) == {}

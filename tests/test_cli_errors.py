@@ -197,3 +197,17 @@ def test_unknown_op_text_says_incomplete(llama_with_unknown_op):
 def test_directory_is_one_line_error(tmp_path):
     result = _run("inspect", str(tmp_path))
     _assert_one_line_error(result, "directory")
+
+
+def test_json_help_names_each_commands_schema():
+    """cli.py writes the validate and fit schema names out (their renderers import torch or the
+    fit search); they must be the names those renderers put in their documents."""
+    from click.testing import CliRunner
+
+    from costlens.cli import main
+    from costlens.render.fit import FIT_SCHEMA
+    from costlens.render.validate import VALIDATE_SCHEMA
+    for command, schema in (("validate", VALIDATE_SCHEMA), ("fit", FIT_SCHEMA), ("plan", "costlens.plan/1"),
+                            ("compare", "costlens.plan/1")):
+        text = " ".join(CliRunner().invoke(main, [command, "--help"]).stdout.split())
+        assert f"Print the {schema} JSON document." in text, command

@@ -82,9 +82,41 @@ def test_compare_text_table():
 def test_gpu_gives_time_per_step():
     document = json.loads(run("plan", LLAMA, "--seq", "32", "--gpu", "h100", "--mfu", "0.5", "--json").stdout)
     (plan,) = document["plans"]
-    # seconds = step FLOPs / (989.5e12 FLOP/s dense bf16 x 0.5)
-    assert plan["time"]["seconds_per_step"] == pytest.approx(plan["flops"]["step"] / (989.5e12 * 0.5))
+    # fp32 matmuls run at the H100 SXM fp32 peak (67 TFLOP/s dense, datasheet), not the bf16 one:
+    # compute = step FLOPs / (67e12 x 0.5); memory = 2 x (weights + grads + optimizer + activations) / 3.35e12 B/s
+    memory = plan["memory_bytes"]
+    traffic = 2 * (memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["activations"])
+    compute_s, memory_s = plan["flops"]["step"] / (67e12 * 0.5), traffic / 3.35e12
+    assert plan["time"]["dtype"] == "fp32" and plan["time"]["peak_flops"] == 67e12
+    assert plan["time"]["compute_seconds"] == pytest.approx(compute_s)
+    assert plan["time"]["memory_seconds"] == pytest.approx(memory_s)
+    assert plan["time"]["seconds_per_step"] == pytest.approx(max(compute_s, memory_s))
+    assert plan["time"]["bound"] == ("memory" if memory_s > compute_s else "compute")
     assert document["setup"]["optimizer_impl"] == "foreach"    # torch's default on CUDA
+    assert "optimizer_impl" in document["setup"]["derived"]     # ... and said to come from --gpu
+
+
+def test_precision_picks_the_peak():
+    """Issue 16 item 2: bf16 autocast is priced at the bf16 peak, fp32 at the fp32 one (same FLOPs)."""
+    def compute(precision):
+        doc = json.loads(run("plan", LLAMA, "--seq", "32", "--gpu", "h100", "--precision", precision, "--json").stdout)
+        return doc["plans"][0]["flops"]["step"], doc["plans"][0]["time"]
+    flops32, fp32 = compute("fp32")
+    flops16, bf16 = compute("bf16-mixed")
+    assert (fp32["dtype"], bf16["dtype"]) == ("fp32", "bf16")
+    assert fp32["compute_seconds"] == pytest.approx(flops32 / (67e12 * 0.4))
+    assert bf16["compute_seconds"] == pytest.approx(flops16 / (989.5e12 * 0.4))
+
+
+def test_derived_default_in_text_header():
+    """Issue 16 item 1: --gpu switching the optimizer to foreach is printed in the header."""
+    text = run("plan", LLAMA, "--seq", "32", "--gpu", "h100").stdout
+    assert "adamw (foreach)" in text and "derived defaults: optimizer-impl foreach, from --gpu h100" in text
+    plain = run("plan", LLAMA, "--seq", "32").stdout
+    assert "adamw (for-loop)" in plain and "derived defaults" not in plain
+    given = json.loads(run("plan", LLAMA, "--seq", "32", "--gpu", "h100", "--optimizer-impl", "for-loop",
+                           "--json").stdout)
+    assert given["setup"]["derived"] == {} and given["setup"]["optimizer_impl"] == "for-loop"
 
 
 def test_unknown_gpu_is_one_line():
@@ -132,3 +164,45 @@ def test_bad_stacking_and_dropout(args, cause):
 def test_stacking_on_post_norm_model_is_refused():
     result = run("plan", str(FIXTURES / "bert.onnx"), "--stack-ffn", "1", "--seq", "16")
     assert result.exit_code == 2 and "pre-norm" in result.stderr
+
+
+# --------------------------------------------------------------------------- issue 16 item 11
+
+def test_share_and_exact_trainable_count():
+    result = run("plan", LLAMA, "--seq", "32", "--lora", "attn", "--rank", "8")
+    assert result.exit_code == 0
+    # llama fixture: 158,016 base parameters; LoRA r=8 on q, k, v, o of 2 layers adds
+    # 2 x 8 x ((64+64) + (64+32) + (64+32) + (64+64)) = 7,168, so PEFT would print
+    # "trainable params: 7,168 || all params: 165,184 || trainable%: 4.339" (7,168 / 165,184 = 4.3394%)
+    assert "trainable params: 7,168 || all params: 165,184 || trainable%: 4.339%" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("lora=attn"))
+    assert " 4.34% " in row                                     # three significant figures, not 4.3%
+
+
+def test_share_column_precision_by_hand():
+    from costlens.render import units
+    # PEFT on Llama-2-7B, LoRA r=8 on q,v: 4,194,304 of 6,742,609,920 -> 0.0622%
+    assert units.share(4_194_304, 6_742_609_920) == "0.0622%"
+    assert units.percent(4_194_304, 6_742_609_920) == "0.06221%"
+    assert units.share(1, 8) == "12.5%" and units.share(1, 1) == "100.0%"
+
+
+def test_compare_validate_prints_measured_values_and_verdict():
+    result = run("compare", LLAMA, "--seq", "16", "--plan", "lora:lora=attn", "--validate", "cpu")
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "Validation (measured steps):" in text
+    row = next(line for line in text.splitlines() if line.startswith("lora") and "trainable params" in line)
+    # 2 layers x 8 x ((64+64) q + (64+32) k + (64+32) v + (64+64) o) = 2 x 3,584 = 7,168, measured exactly
+    assert row.split()[-1] == "ok" and "7,168" in row
+    document = json.loads(run("compare", LLAMA, "--seq", "16", "--plan", "lora:lora=attn", "--validate", "cpu",
+                              "--json").stdout)
+    validation = document["plans"][0]["validation"]
+    assert validation["trainable params"]["verdict"] == "ok" and validation["trainable params"]["tolerance"] == 0
+
+
+def test_a_failed_validation_verdict_exits_1():
+    from costlens.cli import _validation_failed
+    ok = {"plans": [{"validation": {"peak bytes": {"verdict": "ok"}, "temporaries": {"verdict": "shown"}}}]}
+    bad = {"plans": [{"validation": {"peak bytes": {"verdict": "OUTSIDE 5%"}}}, {}]}
+    assert not _validation_failed(ok) and _validation_failed(bad)

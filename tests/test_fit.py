@@ -3,6 +3,7 @@ with a measured training step, and the CLI around it (--version, examples, JSON,
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -154,3 +155,17 @@ def test_version_and_an_example_on_every_help():
 def test_progress_stays_off_a_pipe():
     result = _fit("--memory", "6MiB", "--lora", "attn", "--seq", "64")
     assert result.exit_code == 0 and result.stderr == ""
+
+
+def test_parallel_layout_is_checked_per_rank(llama):
+    # Each GPU holds one rank: the limit applies to the largest rank's peak, which ZeRO-3 on
+    # 4 ranks makes smaller than the single-device step (weights, grads, state sharded 4 ways).
+    from costlens.parallel import estimate_parallel
+    setup = Setup(seq=64, gpus=4, shard="zero3")
+    single = costlens.estimate(llama, Plan(), Setup(seq=64, batch=1))
+    sharded = estimate_parallel(costlens.estimate(llama, Plan(), replace(setup, batch=1)), 4, "zero3")
+    assert sharded.memory.peak < single.memory.peak
+    limit = (sharded.memory.peak + single.memory.peak) // 2       # fits sharded, not on one device
+    assert fit(llama, limit, search="batch", setup=Setup(seq=64)).best is None
+    answer = fit(llama, limit, search="batch", setup=setup).best
+    assert answer is not None and answer.peak_bytes <= limit and answer.rank_peak is not None

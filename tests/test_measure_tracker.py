@@ -298,7 +298,7 @@ def test_peak_equals_torch_mem_tracker(impl):
 
 def test_unknown_choices_are_plan_errors():
     with pytest.raises(PlanError, match="unknown optimizer"):
-        measure_step(_llama("full"), BATCH, SEQ, VOCAB, optimizer="adafactor")
+        measure_step(_llama("full"), BATCH, SEQ, VOCAB, optimizer="lion")
     with pytest.raises(PlanError, match="implementation"):
         measure_step(_llama("full"), BATCH, SEQ, VOCAB, optimizer_impl="fused")
 

@@ -50,6 +50,10 @@ def test_yaml_recipe_is_the_same_step_as_the_options(recipe):
     from_recipe = _plan_json("--recipe", str(recipe))
     by_hand = _plan_json("--batch", "4", "--seq", "128", "--precision", "bf16-mixed", "--checkpointing",
                          "--optimizer", "adamw-8bit", "--optimizer-impl", "for-loop")
+    # the same step; the recipe's accumulation is recorded as a derived default (issue 16 item 1)
+    derived = from_recipe["setup"].pop("derived")
+    assert derived == {"grad_accum": "8, from --recipe gradient_accumulation_steps"}
+    assert by_hand["setup"].pop("derived") == {}
     assert from_recipe["setup"] == by_hand["setup"]
     assert from_recipe["plans"] == by_hand["plans"]
     block = from_recipe["recipe"]

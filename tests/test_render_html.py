@@ -159,7 +159,7 @@ def test_templates_ship_as_package_data():
     patterns = config["tool"]["setuptools"]["package-data"]["costlens"]
     assert "templates/*.j2" in patterns
     assert sorted(p.name for p in (ROOT / "costlens" / "templates").glob("*.j2")) == [
-        "_charts.html.j2", "_report.css.j2", "report.html.j2"]
+        "_charts.html.j2", "_report.css.j2", "fit.html.j2", "report.html.j2"]
 
 
 # --------------------------------------------------------------------------- in a real browser
@@ -201,3 +201,85 @@ def test_report_in_headless_chromium(loaded, tmp_path):
     assert "158.02K parameters (158,016)" in text
     assert "2 layers, hidden 64, 4 heads (2 kv) x 16" in text
     assert "l4 (24.00 GiB, 121 TFLOP/s dense bf16)" in text
+
+
+# --------------------------------------------------------------------------- issue 16 item 12
+
+def test_nice_ticks_by_hand():
+    from costlens.render.html import BYTE_UNITS, FLOP_UNITS, nice_ticks
+    # 131.78 GiB: raw step 32.9 GiB -> 50 GiB (1-2-5), ticks 0, 50, 100, 150; the axis ends at 150 GiB
+    end, ticks = nice_ticks(131.78 * 2**30, BYTE_UNITS)
+    assert [label for _, label in ticks] == ["0", "50 GiB", "100 GiB", "150 GiB"] and end == 150 * 2**30
+    # 37,748,700 FLOP = 37.7 MFLOP: raw 9.4 -> 10 MFLOP steps up to 40
+    end, ticks = nice_ticks(3.77487e7, FLOP_UNITS)
+    assert [label for _, label in ticks] == ["0", "10 MFLOP", "20 MFLOP", "30 MFLOP", "40 MFLOP"]
+    # 3.02 MiB: raw 0.755 -> 1 MiB steps
+    assert [label for _, label in nice_ticks(3.02 * 2**20, BYTE_UNITS)[1]] == ["0", "1 MiB", "2 MiB", "3 MiB", "4 MiB"]
+
+
+def _thirty_two_layers(document: dict, name: str = "model.layers.{}.self_attn.q_proj") -> dict:
+    for plan in document["plans"]:
+        plan["layers"] = [{"layer": i, "trainable": [name.format(i)], "adapters": [], "trainable_params": 4096,
+                           "activation_bytes": 2**20} for i in range(32)]
+        plan["layers"].append({"layer": None, "trainable": ["lm_head"], "adapters": [], "trainable_params": 10,
+                               "activation_bytes": 0})
+    return document
+
+
+def test_identical_layers_fold(loaded):
+    document = _thirty_two_layers(copy.deepcopy(compare_document(loaded, "llama")))
+    text = text_of(render_html(document))
+    assert "layers 0\u201331 \u00d732" in text and "model.layers.*.self_attn.q_proj" in text
+    assert "layer 5 " not in text and text.count("4.10K trainable; activations 1.00 MiB") == len(document["plans"])
+    document["plans"][0]["layers"][7]["activation_bytes"] = 2**21        # one layer differs: three runs
+    text = text_of(render_html(document))
+    assert "layers 0\u20136 \u00d77" in text and "layer 7 " in text and "layers 8\u201331 \u00d724" in text
+
+
+def test_folded_tensor_names_are_escaped(loaded):
+    document = _thirty_two_layers(copy.deepcopy(compare_document(loaded, "llama")), HOSTILE + ".{}")
+    html = render_html(document)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_fits_column_and_human_units(loaded):
+    document = compare_document(loaded, "llama", gpu="l4")
+    html = render_html(document)
+    text = text_of(html)
+    assert "on l4-" not in text and "on l4" in text
+    for plan in document["plans"]:        # a few MiB in 24 GiB: every plan fits, at 0% of the board
+        assert f"fits ({plan['memory_bytes']['peak'] / (24 * 2**30):.0%})" in text
+    document["plans"][0]["memory_bytes"]["peak"] = 25 * 2**30
+    assert "does not fit (+1.00 GiB)" in text_of(render_html(document))
+    assert not re.search(r"\d\.\d+e[+-]\d\d", text), "no 3.77487e+07 on the page"
+
+
+def test_validation_flops_in_human_units(loaded):
+    document = copy.deepcopy(compare_document(loaded, "llama"))
+    document["plans"][0]["validation"] = {"step FLOPs": {"estimated": 37748736, "measured": 37748736, "error": 0.0,
+                                                         "verdict": "ok"}}
+    text = text_of(render_html(document))
+    assert "37.75 MFLOP 37.75 MFLOP +0.0% ok" in text and "e+07" not in text
+
+
+def test_job_cost_in_the_report(loaded):
+    from costlens.jobcost import Job
+    model = loaded("llama")
+    setup = Setup(batch=1, seq=64, gpu="h100")
+    document = plan_document(model, [("full", estimate(model, parse_plan_spec("full"), setup))],
+                             job=Job(tokens=6400, price_per_gpu_hour=2.0, price_source="--price-per-hour"))
+    text = text_of(render_html(document))
+    assert "Job: 6,400 tokens, gradient accumulation 1, 1 GPU(s), 2 per GPU-hour (--price-per-hour)" in text
+    assert " 100 " in text          # 6,400 / 64 = 100 steps
+
+
+def test_report_shows_derived_defaults_and_the_peak_used(loaded):
+    model = loaded("llama")
+    setup = Setup(batch=1, seq=64, gpu="h100", optimizer_impl="foreach", precision="fp32")
+    document = plan_document(model, [("full", estimate(model, parse_plan_spec("full"), setup))],
+                             derived={"optimizer_impl": "foreach, from --gpu h100 (torch's default on CUDA)"})
+    text = text_of(render_html(document))
+    assert "optimizer_impl (derived) foreach, from --gpu h100" in text
+    assert "67 TFLOP/s dense fp32" in text                       # the fp32 peak, not the bf16 one
+    time = document["plans"][0]["time"]
+    assert f"(fp32 peak, {time['bound']}-bound)" in text

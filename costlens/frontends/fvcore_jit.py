@@ -21,7 +21,7 @@ from torch import nn
 
 from costlens.frontends.aten import Call, lower
 from costlens.frontends.irbuild import Builder, Sym, Value, finish
-from costlens.frontends.torch_export import TraceError, _canonical_forms, _first_line, _quiet, device_of, evaluating
+from costlens.frontends.torch_export import TraceError, traced_canonical, first_line, quiet, device_of, evaluating
 from costlens.ir import Graph
 
 EXAMPLES = ((2, 16), (3, 20))            # (batch, seq) of the two traces; seq/batch ratios differ
@@ -43,7 +43,7 @@ def load_fvcore(model, example_inputs=None, *, source: str = "module") -> Graph:
     # real weights runs for real where it is (small modules), and is left as it was.
     device = device_of(model)
     inputs = [_inputs_at(example_inputs, batch, seq, device) for batch, seq in EXAMPLES]
-    with _quiet(), _canonical_forms(model), evaluating(model):
+    with quiet(), traced_canonical(model), evaluating(model):
         graphs = [_trace(model, args, source) for args in inputs]
     return _Converter(model, graphs, source).run(len(inputs[0]))
 
@@ -74,7 +74,7 @@ def _trace(model: nn.Module, args: tuple, source: str):
         return _get_scoped_trace_graph(model, args, aliases)
     except Exception as e:  # noqa: BLE001 - reported in one line
         raise TraceError(f"{source}: TorchScript tracing (fvcore) could not run the model on the meta device "
-                         f"({type(e).__name__}: {_first_line(e)})") from e
+                         f"({type(e).__name__}: {first_line(e)})") from e
 
 
 def solve_dim(a: int, b: int):

@@ -14,12 +14,10 @@ tokens only.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
 from costlens.errors import AbsurdModelError, CostlensError
@@ -46,6 +44,13 @@ def transformers_offline():
 
 def read_config(source: str | os.PathLike):
     """The transformers config of a ``config.json`` file or a folder holding one."""
+    data, file = read_config_data(source)
+    return config_from_data(data, file)
+
+
+def read_config_data(source: str | os.PathLike) -> tuple[dict, Path]:
+    """(the checked JSON of a ``config.json`` file or a folder holding one, the file); no
+    transformers import, so a cached trace of it can be found without one."""
     path = Path(source)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
@@ -59,6 +64,12 @@ def read_config(source: str | os.PathLike):
     if not isinstance(data, dict) or "model_type" not in data:
         raise ConfigError(f"{file}: not a Hugging Face config (no model_type)")
     check_config(data, file)
+    return data, file
+
+
+def config_from_data(data: dict, file) -> object:
+    """The transformers config object of a checked config JSON (``read_config_data``)."""
+    data = dict(data)
     transformers = transformers_offline()
     model_type = data.pop("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
@@ -81,6 +92,7 @@ COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "n_shared_expe
           "shared_expert_intermediate_size", "first_k_dense_replace")
 MAX_LAYERS = 1024        # published models have at most a few hundred blocks
 MAX_DIM, MAX_ELEMENTS = 2**40, 2**45    # as the ONNX front end (costlens.frontends.onnx)
+SHALLOW_BLOCKS = 2      # blocks a uniform stack is traced with before replication (load_config_graph)
 
 
 def check_config(data: dict, file) -> None:
@@ -127,6 +139,8 @@ def build_model(config, source: str = "config"):
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ConfigError(f"{source}: unsupported architecture {model_type!r} (transformers "
                           f"{transformers.__version__} has no causal-LM model for it)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(_encoder_decoder_refusal(config, source, transformers))
     try:
         with torch.device("meta"):
             return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
@@ -134,6 +148,33 @@ def build_model(config, source: str = "config"):
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{source}: could not build a {model_type} model from its config "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def _encoder_decoder_refusal(config, source: str, transformers) -> str:
+    """Why an encoder-decoder config is refused, with what would be missing (issue 16 item 4).
+    Its causal-LM class (WhisperForCausalLM, BartForCausalLM) is the decoder alone: traced on
+    token ids it runs no encoder and skips every cross-attention, so pricing it would silently
+    price a smaller model. The parameter counts come from the full model built on the meta device."""
+    import torch
+    model_type = getattr(config, "model_type", "?")
+    counts = ""
+    for mapping in ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING"):
+        classes = getattr(transformers, mapping, {})
+        if type(config) not in classes:
+            continue
+        model_class = classes[type(config)]
+        try:
+            with torch.device("meta"):
+                full = model_class(copy.deepcopy(config))
+            total = sum(p.numel() for p in full.parameters())
+            encoder = sum(p.numel() for p in full.get_encoder().parameters())
+            counts = f" ({total:,} parameters, {encoder:,} of them in the encoder)"
+        except Exception:  # noqa: BLE001 - the counts only decorate the refusal
+            counts = ""
+        break
+    return (f"{source}: {model_type!r} is an encoder-decoder model{counts}: costlens prices one stack of "
+            "blocks (decoder-only or encoder-only) and cannot place the encoder and the decoder's "
+            "cross-attention; refused rather than priced as its decoder alone")
 
 
 def layer_count(config) -> int | None:
@@ -178,98 +219,66 @@ def layer_signature(block) -> tuple:
     return tuple(items)
 
 
-# --------------------------------------------------------------------------- MoE
-
-def _is_fused_experts(module) -> bool:
-    """transformers' ``@use_experts_implementation`` experts: 3-D gate_up/up and down tensors."""
-    up = getattr(module, "gate_up_proj", None) if getattr(module, "has_gate", False) else getattr(module, "up_proj", None)
-    down = getattr(module, "down_proj", None)
-    return (hasattr(module, "is_transposed") and getattr(up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3)
-
-
-def dense_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """All experts on all tokens, weighted by the sparse combine matrix (dense dispatch).
-    hidden [t, d], top_k_index / top_k_weights [t, k] -> [t, d]."""
-    import torch
-    up = self.gate_up_proj if self.has_gate else self.up_proj
-    experts = up.shape[0]
-    combine = hidden_states.new_zeros((hidden_states.shape[0], experts))
-    combine = combine.scatter(-1, top_k_index, top_k_weights.to(combine.dtype))           # [t, E]
-    h = torch.matmul(hidden_states, up if self.is_transposed else up.transpose(1, 2))     # [E, t, 2F]
-    if self.has_bias:
-        h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias).unsqueeze(1)
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)                          # [E, t, F]
-    out = torch.matmul(h, self.down_proj if self.is_transposed else self.down_proj.transpose(1, 2))  # [E, t, d]
-    if self.has_bias:
-        out = out + self.down_proj_bias.unsqueeze(1)
-    if getattr(self, "has_post_expert_norm", False):
-        out = self.post_expert_norm(out)
-    out = (out * combine.t().unsqueeze(-1)).sum(dim=0)                                    # [t, d]
-    return out.to(hidden_states.dtype)
-
-
-# transformers activations written out in Python that are one torch op: GPT-2's gelu_new is
-# 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), i.e. gelu(x, approximate="tanh").
-_ONE_OP_ACTIVATIONS = {
-    "NewGELUActivation": lambda x: _F().gelu(x, approximate="tanh"),
-    "FastGELUActivation": lambda x: _F().gelu(x, approximate="tanh"),
-    "AccurateGELUActivation": lambda x: _F().gelu(x, approximate="tanh"),
-    "GELUTanh": lambda x: _F().gelu(x, approximate="tanh"),
-    "GELUActivation": lambda x: _F().gelu(x),
-    "MishActivation": lambda x: _F().mish(x),
-}
-
-
-def _F():
-    import torch.nn.functional as F
-    return F
-
-
-@contextlib.contextmanager
-def canonical_forms(model):
-    """Trace transformers experts in dense-dispatch form and Python-written activations as
-    their one torch op (instance patches, undone afterwards; the arithmetic is the same)."""
-    patched = []
-    for module in model.modules():
-        if _is_fused_experts(module):
-            module.forward = types.MethodType(dense_experts_forward, module)
-            patched.append(module)
-        elif type(module).__name__ in _ONE_OP_ACTIVATIONS and type(module).__module__.startswith("transformers."):
-            module.forward = _ONE_OP_ACTIVATIONS[type(module).__name__]
-            patched.append(module)
-    try:
-        yield patched
-    finally:
-        for module in patched:
-            del module.forward
+# The canonical forms of transformers modules for tracing (dense-dispatch experts, one-op
+# activations) live in canonical.py, which every torch front end reads.
 
 
 # --------------------------------------------------------------------------- the front end
 
 def load_config_graph(config, *, source: str = "config", shallow: bool = True):
     """The graph IR of the model a config describes. With ``shallow`` (the default) a model
-    whose blocks are all alike is traced with two blocks and the graph replicated to full
-    depth (replicate.py); otherwise, or when the blocks differ, the full model is traced."""
+    whose blocks are alike from some block ``p`` on (``p`` = 0 for most; DeepSeek-V3's first
+    three blocks are dense, the rest MoE) is traced with ``p + 2`` blocks and the graph
+    replicated to full depth (replicate.py); otherwise, or when replication refuses, the
+    full model is traced."""
     from costlens.frontends.replicate import ReplicationError, replicate_blocks
     from costlens.frontends.torch_export import load_torch
 
     model = build_model(config, source)
     layers = layer_count(config)
     container = layer_container(model, layers) if layers else None
-    if shallow and layers and layers > 2 and container and _uniform(model, container, layers):
-        small = build_model(shallow_config(config, 2), source)
-        if layer_container(small, 2) == container and all(
-                layer_signature(small.get_submodule(f"{container}.{i}"))
-                == layer_signature(model.get_submodule(f"{container}.{i}")) for i in (0, 1)):
-            graph = load_torch(small, source=source)
-            try:
-                return replicate_blocks(graph, container, layers)
-            except ReplicationError:
-                pass
+    if shallow and layers and container:
+        first = _uniform_tail(model, container, layers)
+        depth = first + SHALLOW_BLOCKS
+        if layers > depth:
+            small = build_model(shallow_config(config, depth), source)
+            if layer_container(small, depth) == container and all(
+                    layer_signature(small.get_submodule(f"{container}.{i}"))
+                    == layer_signature(model.get_submodule(f"{container}.{i}")) for i in range(depth)):
+                graph = load_torch(small, source=source)
+                try:
+                    return replicate_blocks(graph, container, layers, first)
+                except ReplicationError:
+                    pass
     return load_torch(model, source=source)
 
 
-def _uniform(model, container: str, layers: int) -> bool:
+def _uniform_tail(model, container: str, layers: int) -> int:
+    """The first block from which every block has the last block's signature (0: all alike)."""
     blocks = model.get_submodule(container)
-    first = layer_signature(blocks[0])
-    return all(layer_signature(blocks[i]) == first for i in range(1, layers))
+    last = layer_signature(blocks[layers - 1])
+    first = layers - 1
+    while first > 0 and layer_signature(blocks[first - 1]) == last:
+        first -= 1
+    return first
+
+
+# --------------------------------------------------------------------------- cached
+
+def load_config_file(source: str | os.PathLike, *, name: str | None = None):
+    """The graph IR of a ``config.json`` file (or a folder holding one), read from the graph
+    cache (graph_cache.py) when this config was traced before by the same code and versions;
+    otherwise traced (``load_config_graph``) and stored. Same graph either way."""
+    from dataclasses import replace
+
+    from costlens.frontends import graph_cache
+
+    name = name or os.fspath(source)
+    data, file = read_config_data(source)
+    key = graph_cache.cache_key({"config": data, "shallow_blocks": SHALLOW_BLOCKS, "tracer": "export"})
+    cached = graph_cache.load_graph_entry(key)
+    if cached is not None:
+        return replace(cached, source=name)
+    graph = load_config_graph(config_from_data(data, file), source=name)
+    graph_cache.store_graph_entry(key, replace(graph, source=""))    # the entry is the same for any path
+    return graph

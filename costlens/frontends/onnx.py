@@ -343,27 +343,45 @@ def _rename_dims(model: onnx.ModelProto, renames: dict[str, str]) -> None:
 
 
 def _check_input_dims(model: onnx.ModelProto) -> None:
+    initializers = {tensor.name for tensor in model.graph.initializer}
     for value in model.graph.input:
         for dim in value.type.tensor_type.shape.dim:
             if dim.HasField("dim_value") and (dim.dim_value < 0 or dim.dim_value > MAX_DIM):
                 raise AbsurdModelError(f"absurd dimension {dim.dim_value} in graph input {_short(value.name)!r}")
+            # an empty input is a broken model (inside the graph a zero-size slice is legitimate)
+            if dim.HasField("dim_value") and dim.dim_value == 0 and value.name not in initializers:
+                raise AbsurdModelError(f"graph input {_short(value.name)!r} has a dimension of 0 (an empty tensor)")
 
 
 _FLOAT_TYPES = frozenset(("float32", "float16", "bfloat16", "float64"))
 
 
-def _check_inferred_dims(tensors: dict) -> None:
-    """Activations whose inferred dims are negative, zero or astronomical come from a broken
-    graph (corrupted shape constants); refused here, before any cost is computed."""
+# ops whose operands are never legitimately empty in a working model: a product or a softmax
+# of zero elements means the graph's shape constants are broken
+NONEMPTY_OPERAND_OPS = frozenset({"MatMul", "Gemm", "Softmax", "LogSoftmax", "Einsum"})
+
+
+def _check_inferred_dims(tensors: dict, nodes=()) -> None:
+    """Activations whose inferred dims are negative or astronomical, or empty operands of a
+    product or softmax, come from a broken graph (corrupted shape constants); refused here,
+    before any cost is computed. Other empty tensors are legitimate (Phi-3's pass-through
+    slice q[..., 64:] under full rotary is empty)."""
     for info in tensors.values():
         if info.dtype not in _FLOAT_TYPES or not info.shape:
             continue
         for dim in info.shape:
-            # a zero dim is legitimate (Phi-3's empty pass-through slice q[..., 64:] under full rotary)
             if isinstance(dim, int) and (dim < 0 or dim > MAX_DIM):
                 what = f"the absurd dimension {dim}"
                 raise AbsurdModelError(f"tensor {_short(info.name)!r} has {what} after shape inference "
                                        "(corrupted shape constants?)")
+    for node in nodes:
+        if node.op not in NONEMPTY_OPERAND_OPS:
+            continue
+        for name in node.inputs:
+            info = tensors.get(name)
+            if info is not None and info.shape and 0 in info.shape:
+                raise AbsurdModelError(f"tensor {_short(name)!r} into {node.op} {_short(node.name)!r} is empty "
+                                       f"(shape {list(info.shape)}) after shape inference (corrupted shape constants?)")
 
 
 # --------------------------------------------------------------------------- shapes
@@ -501,7 +519,7 @@ def load_onnx(path: str | os.PathLike) -> Graph:
             attrs=frozen_map(_attrs_of(proto)), scope=_scope_of(proto),
         ))
     tensors = {name: info for name, info in tensors.items() if name not in constants}
-    _check_inferred_dims(tensors)
+    _check_inferred_dims(tensors, nodes)
     return Graph(
         nodes=tuple(nodes), tensors=frozen_map(tensors), constants=frozen_map(constants),
         inputs=graph_inputs, outputs=tuple(v.name for v in graph.output), source=str(path),

@@ -3,7 +3,7 @@
 The module is built on the meta device (as for analysis; a module with real weights is
 exported where it is, its weights still not written) and exported with torch.onnx's
 dynamo exporter, dynamic in ``batch`` and ``seq``, with transformers experts in dense
-dispatch and Python-written activations as one op (``hf_config.canonical_forms``). Meta
+dispatch and Python-written activations as one op (``canonical.canonical_forms``). Meta
 tensors hold no values, so the exporter's optimizer (which folds constants by reading
 them) is off, and every parameter is written as an external-data initializer: name, dtype,
 shape and an offset into ``<file>.data`` — a file that is never written. The result loads in
@@ -27,24 +27,17 @@ class ExportError(CostlensError):
 
 def resolve_module(source):
     """(module on the meta device, example inputs or None) of a PyTorch source: an
-    ``nn.Module``, a transformers config (object, ``config.json`` or folder) or an import spec."""
-    import torch
-
-    from costlens.api import IMPORT_SPEC, SOURCE_KINDS
+    ``nn.Module``, a transformers config (object, ``config.json``, folder or hub id) or an
+    import spec; classified by frontends/source.py, as ``load_graph`` does."""
     from costlens.frontends import hf_config
-    if isinstance(source, torch.nn.Module):
-        return source, None
-    if hasattr(source, "model_type") and not hasattr(source, "forward"):
-        return hf_config.build_model(source, type(source).__name__), None
-    path = Path(source)
-    if path.suffix.lower() == ".onnx":
+    from costlens.frontends.source import SourceKind, classify, torch_source
+    found = classify(source)
+    if found.kind is SourceKind.ONNX:
         raise ExportError(f"{source}: already an ONNX file")
-    if path.is_dir() or path.suffix.lower() == ".json":
-        return hf_config.build_model(hf_config.read_config(path), str(source)), None
-    if IMPORT_SPEC.match(os.fspath(source)):
-        from costlens.frontends.torch_export import module_from_spec
-        return module_from_spec(os.fspath(source))
-    raise ExportError(f"{source}: not a PyTorch source (expected {SOURCE_KINDS.split(', ', 1)[1]})")
+    model, example_inputs = torch_source(found)
+    if hasattr(model, "model_type") and not hasattr(model, "forward"):
+        return hf_config.build_model(model, found.text), None
+    return model, example_inputs
 
 
 def export_onnx(source, output: str | os.PathLike) -> Path:
@@ -53,14 +46,14 @@ def export_onnx(source, output: str | os.PathLike) -> Path:
     import torch
 
     from costlens.frontends.torch_export import (
-        _canonical_forms, _dynamic_shapes, _quiet, device_of, evaluating, example_args,
+        traced_canonical, dynamic_shapes, quiet, device_of, evaluating, example_args,
     )
     module, example_inputs = resolve_module(source)
     args, kwargs = example_args(example_inputs, device_of(module))
-    dynamic, _ = _dynamic_shapes(args, kwargs)
+    dynamic, _ = dynamic_shapes(args, kwargs)
     output = Path(output)
     names = [f"input_{i}" if i else "input_ids" for i in range(len(args))]
-    with _quiet(), _canonical_forms(module), evaluating(module):
+    with quiet(), traced_canonical(module), evaluating(module):
         try:
             program = torch.onnx.export(
                 module, args, kwargs=kwargs or None, dynamo=True, optimize=False, verbose=False,
@@ -100,8 +93,8 @@ def _optimize_without_weights(model, source) -> dict:
 
 
 def _quiet_optimizer():
-    from costlens.frontends.torch_export import _quiet
-    return _quiet()
+    from costlens.frontends.torch_export import quiet
+    return quiet()
 
 
 def _add_external_initializers(model, shapes: dict, location: str) -> None:

@@ -31,39 +31,42 @@ def _members(nodes, prefix: str) -> list[int]:
     return members
 
 
-def replicate_blocks(graph: Graph, container: str, layers: int) -> Graph:
-    """``graph`` (traced with blocks ``container.0`` and ``container.1``) with ``layers`` blocks.
+def replicate_blocks(graph: Graph, container: str, layers: int, first: int = 0) -> Graph:
+    """``graph`` (traced with blocks ``container.0`` .. ``container.{first+1}``) with ``layers``
+    blocks: blocks ``first`` and ``first+1`` are the template pair, block ``first+1`` is copied
+    for layers ``first+2`` .. ``layers-1`` (``first`` > 0: a stack whose first blocks differ,
+    such as DeepSeek-V3's dense layers before its MoE layers; those are traced as they are).
 
     Nodes of no module (scope "") between the blocks are shared values such as symbolic
     sizes; they stay where they are. Any other module's node there is refused."""
-    if layers <= 2:
+    if layers <= first + 2:
         return graph
     nodes = graph.nodes
-    b0, b1 = _members(nodes, f"{container}.0"), _members(nodes, f"{container}.1")
+    b0, b1 = _members(nodes, f"{container}.{first}"), _members(nodes, f"{container}.{first + 1}")
     if len(b0) != len(b1) or b0[-1] > b1[0]:
         raise ReplicationError("blocks 0 and 1 are not two runs of the same length, one after the other")
     members = set(b0) | set(b1)
     strays = [nodes[i].scope for i in range(b0[0], b1[-1] + 1) if i not in members and nodes[i].scope]
     if strays:
         raise ReplicationError(f"blocks interleave with nodes of other modules: {strays[:3]}")
-    mapping = _match_blocks(graph, b0, b1, container)
+    mapping = _match_blocks(graph, b0, b1, f"{container}.{first}.", f"{container}.{first + 1}.")
     produced0 = {o for i in b0 for o in nodes[i].outputs if o}
     produced1 = {o for i in b1 for o in nodes[i].outputs if o}
     inverse = {v: k for k, v in mapping.items()}
 
     def name_in(layer: int, tensor1: str) -> str:
         """The tensor of block ``layer`` that corresponds to block 1's ``tensor1``."""
-        if layer == 1:
+        if layer == first + 1:
             return tensor1
-        if layer == 0:
+        if layer == first:
             return inverse[tensor1]
         return f"{tensor1}@{layer}"
 
-    prefix1 = f"{container}.1."
+    prefix1 = f"{container}.{first + 1}."
     tensors = dict(graph.tensors)
     constants = dict(graph.constants)
     copies: list[Node] = []
-    for layer in range(2, layers):
+    for layer in range(first + 2, layers):
         prefix = f"{container}.{layer}."
 
         def rename(x: str) -> str:
@@ -89,7 +92,7 @@ def replicate_blocks(graph: Graph, container: str, layers: int) -> Graph:
                     tensors[rename(out)] = Tensor(rename(out), info.shape, info.dtype)
             copies.append(replace(node, name=f"{node.name}@{layer}", inputs=tuple(rename(x) for x in node.inputs),
                                   outputs=tuple(rename(o) for o in node.outputs),
-                                  scope=f"{container}.{layer}" + node.scope[len(f"{container}.1"):]))
+                                  scope=f"{container}.{layer}" + node.scope[len(prefix1) - 1:]))
 
     def tail(x: str) -> str:
         if x in produced1:
@@ -106,12 +109,11 @@ def replicate_blocks(graph: Graph, container: str, layers: int) -> Graph:
     )
 
 
-def _match_blocks(graph: Graph, b0: list[int], b1: list[int], container: str) -> dict[str, str]:
-    """Block 0 tensor -> block 1 tensor, after checking the blocks are the same graph."""
+def _match_blocks(graph: Graph, b0: list[int], b1: list[int], prefix0: str, prefix1: str) -> dict[str, str]:
+    """Template block tensor -> next block tensor, after checking the blocks are the same graph."""
     nodes = graph.nodes
     mapping: dict[str, str] = {}
     produced0 = {o for i in b0 for o in nodes[i].outputs if o}
-    prefix0, prefix1 = f"{container}.0.", f"{container}.1."
     for i, j in zip(b0, b1):
         a, b = nodes[i], nodes[j]
         if a.op != b.op or dict(a.attrs) != dict(b.attrs) or len(a.inputs) != len(b.inputs) \

@@ -13,7 +13,7 @@ one the ONNX front end builds for the same module. Higher-order ops (``no_grad``
 autocast regions) are inlined; nodes that do not reach an output are dropped, as an ONNX
 export drops them. Mixture-of-experts modules of transformers are traced in their
 dense-dispatch form, the form costlens prices, and activations transformers writes out in
-Python (GPT-2's ``gelu_new``) as their one torch op (``hf_config.canonical_forms``).
+Python (GPT-2's ``gelu_new``) as their one torch op (``canonical.canonical_forms``).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def module_from_spec(spec: str, device: str = "meta"):
     except ModuleNotFoundError as e:
         raise SourceError(f"{spec}: cannot import module {module_name!r} ({e})") from e
     except Exception as e:  # noqa: BLE001 - the user's module failed to import
-        raise SourceError(f"{spec}: importing {module_name!r} failed ({type(e).__name__}: {_first_line(e)})") from e
+        raise SourceError(f"{spec}: importing {module_name!r} failed ({type(e).__name__}: {first_line(e)})") from e
     finally:
         if added:
             sys.path.remove(os.getcwd())
@@ -81,7 +81,7 @@ def module_from_spec(spec: str, device: str = "meta"):
         with torch.device(device):
             result = target()
     except Exception as e:  # noqa: BLE001
-        raise SourceError(f"{spec}: the factory raised {type(e).__name__}: {_first_line(e)}") from e
+        raise SourceError(f"{spec}: the factory raised {type(e).__name__}: {first_line(e)}") from e
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
         return result
     if isinstance(result, nn.Module):
@@ -130,7 +130,7 @@ def evaluating(module: nn.Module):
         module.train(was_training)
 
 
-def _dynamic_shapes(args: tuple, kwargs: dict):
+def dynamic_shapes(args: tuple, kwargs: dict):
     """Dims 0 and 1 of every tensor input that has the token input's batch and seq sizes."""
     tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
     if not tensors:
@@ -151,19 +151,19 @@ def export_program(module: nn.Module, example_inputs=None, *, source: str = "mod
     # A module with real weights is traced where it is: non-strict export runs on fake
     # tensors, so nothing is computed and the caller's module is left as it was.
     args, kwargs = example_args(example_inputs, device_of(module))
-    dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
+    dyn_args, dyn_kwargs = dynamic_shapes(args, kwargs)
     dynamic = {**_by_name(module, dyn_args), **dyn_kwargs} if kwargs else dyn_args
-    with _quiet(), _canonical_forms(module), evaluating(module):
+    with quiet(), traced_canonical(module), evaluating(module):
         try:
             program = torch.export.export(module, args, kwargs or None, dynamic_shapes=dynamic, strict=False)
         except Exception as e:  # noqa: BLE001 - any tracing failure is the model's, reported in one line
             raise TraceError(f"{source}: torch.export could not trace the model ({type(e).__name__}: "
-                             f"{_first_line(e)})") from e
+                             f"{first_line(e)})") from e
     _check_dynamic(program, source)
     if _writes_into_views(program):
         # ``t[..., :n].copy_(x)`` (DeepSeek's MLA keys) mutates a view: only the functional form
         # (slice_scatter) keeps that data flow in the graph.
-        with _quiet():
+        with quiet():
             program = program.run_decompositions({})
     return program
 
@@ -179,7 +179,7 @@ def _by_name(module: nn.Module, dyn_args: tuple) -> dict:
     return dict(zip(names, dyn_args))
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return text[0][:300] if text else type(error).__name__
 
@@ -196,7 +196,7 @@ def _check_dynamic(program, source: str) -> None:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """Tracing is chatty (warnings, transformers' logger); the library never prints."""
     previous = logging.root.manager.disable
     # torch.export prints the partial graph of a failed trace to sys.stderr itself
@@ -210,11 +210,13 @@ def _quiet():
 
 
 @contextlib.contextmanager
-def _canonical_forms(module: nn.Module):
+def traced_canonical(module: nn.Module):
+    """``canonical.canonical_forms`` around a trace when transformers is loaded (a module that
+    is not a transformers model needs no patch, and transformers is not imported for it)."""
     if "transformers" not in sys.modules:
         yield
         return
-    from costlens.frontends.hf_config import canonical_forms
+    from costlens.frontends.canonical import canonical_forms
     with canonical_forms(module):
         yield
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from costlens.api import Model
+from costlens.model import Model
 from costlens.frontends.onnx import external_location, read_external_tensor
 from costlens.gradients import Adapter, StepAnalysis
 from costlens.errors import CostlensError

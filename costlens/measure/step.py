@@ -13,6 +13,7 @@ dispatch mode. The optimizer step has no FLOP formula there (pointwise ops), so 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -21,14 +22,61 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from costlens.errors import PlanError
 from costlens.measure.tracker import MemCategory, MemoryProfile, Phase, StorageTracker, storages_of
 
-OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
+OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
+# "ce": cross-entropy of the logits against the ids themselves; "hf": the model's own loss with
+# labels=input_ids (transformers upcasts the logits to fp32, shifts by one, cross-entropy)
+LOSSES = ("ce", "hf")
 OPTIMIZER_IMPLS = ("for-loop", "foreach")
 SGD_MOMENTUM = 0.9
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """2·M·K·N of torch._grouped_mm, which FlopCounterMode has no formula for (transformers 5
+    runs fused MoE experts with it: without this the measured step misses every expert matmul).
+    Groups split one dimension (the rows of a 2-D operand, by ``offs``), so summed over groups
+    the multiply-adds are those of one matmul over the whole split dimension:
+    2-D x 3-D [M,K]x[E,K,N]: M·K·N; 3-D x 3-D [E,M,K]x[E,K,N]: E·M·K·N;
+    2-D x 2-D [M,K]x[K,N] (offs split K, as the weight gradient does): M·K·N; 3-D x 2-D [E,M,K]x[K,N]: M·K·N."""
+    if len(a_shape) == 3 and len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    m, k = (a_shape[-2], a_shape[-1])
+    return 2 * m * k * b_shape[-1]
+
+
+def _with_query_heads(query_shape, other_shape):
+    # GQA: key/value may carry fewer heads; each query head still multiplies a full S_k x D block
+    return (*other_shape[:1], query_shape[1], *other_shape[2:])
+
+
+def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """SDPA's CPU flash kernel: QKᵀ and PV over the full S x S_k block, as torch counts its CUDA
+    flash and efficient kernels (torch.utils.flop_counter.sdpa_flop_count)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(query_shape, _with_query_heads(query_shape, key_shape),
+                           _with_query_heads(query_shape, value_shape))
+
+
+def _cpu_flash_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                              **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, _with_query_heads(query_shape, key_shape),
+                                    _with_query_heads(query_shape, value_shape))
+
+
+# Kernels FlopCounterMode has no formula for, although the real modules run them on the CPU:
+# transformers 5's fused MoE experts (torch._grouped_mm) and SDPA's CPU flash kernel. Without
+# these the measured FLOPs miss every expert matmul and every attention core.
+for _name, _formula in (("_grouped_mm", _grouped_mm_flops),
+                        ("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash_flops),
+                        ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward_flops)):
+    _op = getattr(torch.ops.aten, _name, None)
+    if _op is not None and _op not in flop_registry:
+        register_flop_formula(_op)(_formula)
 
 
 @dataclass(frozen=True)
@@ -40,10 +88,17 @@ class AllocatorPeak:
     baseline_bytes: int                    # memory_allocated when the step began
     peak_phase: Phase
     peak_bytes_by_phase: dict[Phase, int]
+    device_baseline_bytes: int = 0         # memory_allocated before the module moved to the device
 
     @property
     def above_baseline_bytes(self) -> int:
         return self.peak_bytes - self.baseline_bytes
+
+    @property
+    def step_bytes(self) -> int:
+        """The peak of everything the training step owns on the device (weights, gradients,
+        optimizer state, activations, temporaries): the figure beside the estimated peak."""
+        return self.peak_bytes - self.device_baseline_bytes
 
 
 @dataclass(frozen=True)
@@ -64,7 +119,7 @@ class StepMeasurement:
     optimizer_state_bytes: int             # storages in optimizer.state (moments, buffers, step counters)
     saved_activation_bytes: int            # live after forward+loss minus live before forward
     forward_flops: int                     # forward and cross-entropy
-    total_flops: int                       # forward + backward
+    total_flops: int                       # forward + backward, and the recompute of checkpointed layers
 
     @property
     def backward_flops(self) -> int:
@@ -83,29 +138,49 @@ class StepMeasurement:
         return self.memory.by_category_at_peak
 
 
+@dataclass(frozen=True)
+class StepRecipe:
+    """How the forward and the loss run: ``loss`` in LOSSES; ``autocast``: the half dtype of
+    torch.autocast around forward and loss (the HF Trainer's bf16=True / fp16=True), or None;
+    ``master_weights``: the optimizer steps fp32 master copies of the (half) trainable
+    parameters and copies them back ("bf16-mixed" / "fp16-mixed")."""
+
+    loss: str = "ce"
+    autocast: torch.dtype | None = None
+    master_weights: bool = False
+
+
 def measure_step(module: torch.nn.Module, batch: int, seq: int, vocab: int, optimizer: str = "adamw",
                  optimizer_impl: str = "for-loop", lr: float = 1e-3, device: str = "cpu", seed: int = 0,
-                 keep_logits: bool = False) -> StepMeasurement:
+                 keep_logits: bool = False, recipe: StepRecipe = StepRecipe()) -> StepMeasurement:
     """Train ``module`` for two steps and measure the second: bytes, FLOPs (2 per
     multiply-add), parameter counts. The module is moved to ``device`` and its weights change.
+    A module returning a transformers ModelOutput is read through its ``.logits`` / ``.loss``.
 
     Only parameters with ``requires_grad`` go to the optimizer. ``keep_logits``: hold the
     logits until the step ends, as a loop that keeps the model output does; by default only
     the loss is kept, so what stays alive after the loss is what autograd saved for backward.
+    On CUDA the allocator baseline is taken before the module moves to the device, so
+    ``allocator.step_bytes`` is everything the training step owns there.
     """
     _check_choices(optimizer, optimizer_impl, device)
+    if recipe.loss not in LOSSES:
+        raise PlanError(f"measure: unknown loss {recipe.loss!r} (choose from {', '.join(LOSSES)})")
+    watch = _AllocatorWatch(device) if device.startswith("cuda") else None
+    if watch:
+        watch.before_module()
     module = module.to(device)
     trainable = [p for p in module.parameters() if p.requires_grad]
-    opt = make_optimizer(trainable, optimizer, optimizer_impl, lr)
+    opt = make_optimizer(trainable, optimizer, optimizer_impl, lr, recipe.master_weights)
     ids = torch.Generator().manual_seed(seed)   # one stream, so the two steps see different batches
-    forward_flops, total_flops = _warmup_step(module, opt, ids, batch, seq, vocab, device)
+    forward_flops, total_flops = _warmup_step(module, opt, ids, batch, seq, vocab, device, recipe)
 
     tracker = _tracker_with_state(module, opt, torch.device(device).type)
-    watch = _AllocatorWatch(device) if device.startswith("cuda") else None
     with _gc_paused(), tracker:
         if watch:
             watch.start()
-        saved_bytes = _measured_step(module, opt, ids, batch, seq, vocab, device, tracker, watch, keep_logits)
+        saved_bytes = _measured_step(module, opt, ids, batch, seq, vocab, device, tracker, watch, keep_logits,
+                                     recipe)
     tracker.classify(_grads(trainable), MemCategory.GRADIENTS)
     tracker.classify(_state_tensors(opt), MemCategory.OPTIMIZER)
     return StepMeasurement(
@@ -117,8 +192,13 @@ def measure_step(module: torch.nn.Module, batch: int, seq: int, vocab: int, opti
         saved_activation_bytes=saved_bytes, forward_flops=forward_flops, total_flops=total_flops)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], name: str, impl: str, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], name: str, impl: str, lr: float,
+                   master_weights: bool = False) -> torch.optim.Optimizer:
+    if master_weights:
+        return MasterCopyOptimizer(params, lambda masters: make_optimizer(masters, name, impl, lr))
     foreach = impl == "foreach"
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr, foreach=foreach)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, foreach=foreach)
     momentum = SGD_MOMENTUM if name == "sgd-momentum" else 0.0
@@ -136,31 +216,36 @@ def storage_bytes(tensors) -> int:
 
 # --------------------------------------------------------------------------- the two steps
 
-def _warmup_step(module, opt, ids, batch, seq, vocab, device) -> tuple[int, int]:
+def _warmup_step(module, opt, ids, batch, seq, vocab, device, recipe: StepRecipe = StepRecipe()) -> tuple[int, int]:
     """Step 1: creates optimizer state (and CUDA workspaces); returns (forward, total) FLOPs."""
     opt.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False) as counter:
         input_ids = _input_ids(ids, batch, seq, vocab, device)
-        loss = _loss(module(input_ids), input_ids, vocab)
+        with _autocast(recipe, device):
+            loss = _forward_loss(module, input_ids, vocab, recipe.loss)[1]
         forward_flops = counter.get_total_flops()
         loss.backward()
     opt.step()
     return forward_flops, counter.get_total_flops()
 
 
-def _measured_step(module, opt, ids, batch, seq, vocab, device, tracker, watch, keep_logits) -> int:
+def _measured_step(module, opt, ids, batch, seq, vocab, device, tracker, watch, keep_logits,
+                   recipe: StepRecipe = StepRecipe()) -> int:
     """Step 2 under the tracker; returns the bytes forward+loss left alive."""
     phase = partial(_phase, tracker, watch)
     with phase(Phase.ZERO_GRAD):
         opt.zero_grad(set_to_none=True)
     before_forward = tracker.live_bytes
-    with phase(Phase.FORWARD):
+    with phase(Phase.FORWARD), _autocast(recipe, device):
         input_ids = _input_ids(ids, batch, seq, vocab, device)   # the embedding saves them for backward
-        logits = module(input_ids)
-    with phase(Phase.LOSS):
-        loss = _loss(logits, input_ids, vocab)
+        # "hf": the model computes its loss inside forward; the phases then meet in FORWARD
+        output, loss = _forward_loss(module, input_ids, vocab, recipe.loss) if recipe.loss == "hf" \
+            else (_logits(module(input_ids)), None)
+    with phase(Phase.LOSS), _autocast(recipe, device):
+        if loss is None:
+            loss = _loss(output, input_ids, vocab)
         if not keep_logits:
-            del logits
+            del output
         del input_ids                   # autograd still holds them where backward needs them
         saved_bytes = tracker.live_bytes - before_forward
     with phase(Phase.BACKWARD):
@@ -169,6 +254,27 @@ def _measured_step(module, opt, ids, batch, seq, vocab, device, tracker, watch, 
     with phase(Phase.OPTIMIZER):
         opt.step()
     return saved_bytes
+
+
+def _logits(output) -> torch.Tensor:
+    """The logits of a plain tensor or of a transformers ModelOutput."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def _forward_loss(module, input_ids, vocab: int, loss: str):
+    """(what forward returned, the loss): "hf" asks the model for its own loss (labels=ids)."""
+    if loss == "hf":
+        output = module(input_ids=input_ids, labels=input_ids)
+        return output, output.loss
+    logits = _logits(module(input_ids))
+    return logits, _loss(logits, input_ids, vocab)
+
+
+def _autocast(recipe: StepRecipe, device: str):
+    # the HF Trainer runs forward and loss under autocast, backward and the optimizer outside it
+    if recipe.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=recipe.autocast)
 
 
 def _loss(logits: torch.Tensor, input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -239,7 +345,13 @@ class _AllocatorWatch:
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)
         self.baseline_bytes = 0
+        self.device_baseline_bytes = 0
         self.peaks: dict[Phase, int] = {}
+
+    def before_module(self) -> None:
+        """What the device holds before the module moves there (other tensors, other work)."""
+        torch.cuda.synchronize(self.device)
+        self.device_baseline_bytes = torch.cuda.memory_allocated(self.device)
 
     def start(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -256,4 +368,34 @@ class _AllocatorWatch:
     def result(self) -> AllocatorPeak:
         phase = max(self.peaks, key=self.peaks.get)
         return AllocatorPeak(peak_bytes=self.peaks[phase], baseline_bytes=self.baseline_bytes,
-                             peak_phase=phase, peak_bytes_by_phase=dict(self.peaks))
+                             peak_phase=phase, peak_bytes_by_phase=dict(self.peaks),
+                             device_baseline_bytes=self.device_baseline_bytes)
+
+
+class MasterCopyOptimizer:
+    """Half-precision trainable parameters stepped through fp32 master copies (the
+    "bf16-mixed" / "fp16-mixed" recipe): each step converts the half gradient to fp32 on the
+    master, steps the inner optimizer on the masters and copies them back. ``state`` shows
+    the masters beside the inner optimizer's moments, so both count as optimizer state."""
+
+    def __init__(self, params: list[torch.nn.Parameter], make_inner) -> None:
+        self.params = params
+        self.masters = [p.detach().to(torch.float32, copy=True) for p in params]
+        self.inner = make_inner(self.masters)
+
+    @property
+    def state(self) -> dict:
+        return {id(m): {"master": m, **self.inner.state.get(m, {})} for m in self.masters}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+        self.inner.step()
+        for p, m in zip(self.params, self.masters):
+            p.copy_(m)
+            m.grad = None

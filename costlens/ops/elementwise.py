@@ -69,6 +69,8 @@ def _softsign(node: Node, ctx: SavedContext) -> list:
 
 
 def _where(node: Node, ctx: SavedContext) -> list:
+    if ctx.is_fused_inner(node.outputs[0]):
+        return []             # _safe_softmax's NaN guard: part of the one softmax op, which keeps its output
     return [node.inputs[0]] if any(ctx.needs(x) for x in node.inputs[1:]) else []
 
 

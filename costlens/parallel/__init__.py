@@ -30,13 +30,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from costlens.errors import PlanError
 from costlens.estimate import Estimate
 from costlens.gradients import analyze
 from costlens.parallel.comm import Communication, communication
-from costlens.parallel.layout import (DEFAULT_BANDWIDTH_GBPS, OFFLOAD, SHARD_MODES, RankLayout, ddp_buckets,
+from costlens.parallel.layout import (DEFAULT_BANDWIDTH_GBPS, RankLayout, ddp_buckets,
                                       fsdp_shard, local_shape, sharded_tensors, tensors_of, zero1_partition)
 from costlens.parallel.timeline import RankMemory, Timeline
+from costlens.plans import check_parallel
 
 
 @dataclass(frozen=True)
@@ -51,21 +51,6 @@ class ParallelEstimate:
     memory: RankMemory
     communication: Communication
     notes: tuple[str, ...]
-
-
-def check_parallel(gpus: int, shard: str, tp: int, ep: int, offload: str | None) -> None:
-    if gpus < 1 or tp < 1 or ep < 1:
-        raise PlanError("--gpus, --tp and --ep must be positive")
-    if shard not in SHARD_MODES:
-        raise PlanError(f"unknown --shard {shard!r} (choose from {', '.join(SHARD_MODES)})")
-    if offload not in OFFLOAD:
-        raise PlanError(f"unknown --offload {offload!r} (optimizer or params)")
-    if gpus % (tp * ep):
-        raise PlanError(f"--gpus {gpus} is not a multiple of --tp {tp} x --ep {ep}")
-    if gpus // (tp * ep) > 1 and shard == "none":
-        raise PlanError(f"--gpus {gpus}: choose how data-parallel ranks share the model (--shard ddp|zero1|zero2|zero3)")
-    if offload == "params" and shard not in ("zero3",):
-        raise PlanError("--offload params needs --shard zero3 (only sharded parameters are offloaded)")
 
 
 # --------------------------------------------------------------------------- the step, per rank

@@ -11,8 +11,6 @@ from costlens.optimizers import state_bytes, step_temporaries
 from costlens.roles.types import Role
 from costlens.storages import Precision
 
-SHARD_MODES = ("none", "ddp", "zero1", "zero2", "zero3")
-OFFLOAD = (None, "optimizer", "params")
 DEFAULT_BANDWIDTH_GBPS = 100.0       # GB/s of bus bandwidth per rank (stated in every result)
 DDP_BUCKET_BYTES = 25 * 2**20        # DistributedDataParallel(bucket_cap_mb=25)
 DDP_FIRST_BUCKET_BYTES = 2**20       # torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES

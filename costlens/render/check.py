@@ -24,6 +24,8 @@ def format_value(limit: Limit, value: float) -> str:
         return units.params(round(value))
     if limit is Limit.STEP_FLOPS:
         return units.flops(round(value))
+    if limit is Limit.MAX_COST:
+        return f"{value:,.2f}"
     return seconds(value)
 
 
@@ -69,7 +71,7 @@ def check_text(verdicts: tuple[Verdict, ...], model: str, budget: str) -> str:
 def check_document(verdicts: tuple[Verdict, ...], model: str, budget: str, setup: dict) -> dict:
     """The costlens.check/1 document (docs/ci.md): bytes, params and FLOPs as integers, seconds as floats."""
     def number(limit: Limit, value: float):
-        return value if limit is Limit.TIME_PER_STEP else round(value)
+        return value if limit in (Limit.TIME_PER_STEP, Limit.MAX_COST) else round(value)
 
     return {
         "schema": CHECK_SCHEMA, "model": model, "budget": budget, "setup": setup,

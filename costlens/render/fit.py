@@ -16,7 +16,7 @@ def _probe_entry(probe: Probe, chosen: Probe | None) -> dict:
         "plan": probe.name, "spec": probe.spec, "batch": result.batch, "seq": result.seq,
         "precision": setup.precision, "optimizer": setup.optimizer, "checkpointing": setup.checkpointing,
         "fits": probe.fits, "chosen": probe is chosen,
-        "peak_bytes": memory.peak, "peak_phase": memory.peak_phase,
+        "peak_bytes": probe.peak_bytes, "peak_phase": memory.peak_phase,   # per rank under --gpus
         "memory_bytes": {"weights": memory.weights, "gradients": memory.gradients, "optimizer": memory.optimizer,
                          "activations": memory.activations, "peak": memory.peak},
         "trainable_params": result.params.trainable, "step_flops": result.flops.step,
@@ -37,7 +37,11 @@ def fit_document(model, fit: FitResult, recipe=None) -> dict:
                   "seq": None if fit.search == "seq" else (fit.best or fit.probes[0]).result.seq,
                   "optimizer": None if fit.search == "plan" else base.optimizer, "optimizer_impl": base.optimizer_impl,
                   "precision": None if fit.search == "plan" else base.precision, "attention": base.attention,
-                  "checkpointing": None if fit.search == "plan" else base.checkpointing, "mfu": base.mfu},
+                  "checkpointing": None if fit.search == "plan" else base.checkpointing, "mfu": base.mfu,
+                  # a parallel layout: the limit holds per rank (peak_bytes are the largest rank's)
+                  "gpus": base.gpus if base.is_parallel else None,
+                  "shard": base.shard if base.is_parallel else None,
+                  "tp": base.tp if base.tp > 1 else None, "ep": base.ep if base.ep > 1 else None},
         "answer": None if best is None else {
             "fits": True, "plan": best.name, "spec": best.spec, "batch": best.result.batch, "seq": best.result.seq,
             "precision": best.result.setup.precision, "optimizer": best.result.setup.optimizer,

@@ -10,6 +10,8 @@ text; undefined template variables are errors (StrictUndefined).
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,7 @@ class Chart:
     line_x: float | None = None        # the GPU's memory
     line_label: str = ""
     line_off_scale: bool = False       # the GPU is far larger than every plan: a label, no line
+    note: str = ""                     # why a bar's stack passes its peak tick, where one does
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class PlanRow:
     step: str
     seconds: str
     verdict: str                        # "pass", "fail" or "" (no budget)
+    fits: str = ""                      # with a GPU: "fits (62%)" or "does not fit (+3.1 GiB)"; "" without
+    job: tuple[str, str, str] = ()      # with a job: steps, GPU-hours, cost
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class Report:
     incomplete: bool
     verdicts: tuple[tuple[str, ...], ...]             # plan, limit, value, maximum, written, status, line
     n_failed: int
+    job: str = ""                                     # the job priced (tokens, accumulation, price), if any
 
 
 def report_view(document: dict, verdicts: tuple[Verdict, ...] = (), gpu: str | None = None) -> Report:
@@ -160,16 +166,30 @@ def report_view(document: dict, verdicts: tuple[Verdict, ...] = (), gpu: str | N
         warnings=tuple(str(w) for w in model.get("warnings") or ()), incomplete=bool(model.get("incomplete")),
         verdicts=tuple((v.plan, v.limit.value, format_value(v.limit, v.value), format_value(v.limit, v.maximum),
                         v.written, "pass" if v.passed else "fail", verdict_line(v)) for v in verdicts),
-        n_failed=sum(not v.passed for v in verdicts),
+        n_failed=sum(not v.passed for v in verdicts), job=_job_line(setup),
     )
+
+
+def _job_line(setup: dict) -> str:
+    job = setup.get("job")
+    if not job:
+        return ""
+    price = (f", {job['price_per_gpu_hour']:g} per GPU-hour ({job['price_source']})"
+             if job.get("price_per_gpu_hour") is not None else ", no price given")
+    return f"{job['tokens']:,} tokens, gradient accumulation {job['grad_accum']}, {setup.get('gpus', 1)} GPU(s){price}"
 
 
 def _setup_items(setup: dict, accelerator) -> tuple[tuple[str, str], ...]:
     keys = ("batch", "seq", "optimizer", "optimizer_impl", "precision", "attention", "checkpointing", "mfu")
     items = [(key, NA if setup.get(key) is None else _text(setup[key])) for key in keys]
+    if "base_quant" in setup:        # None: the base weights are not quantized
+        items.append(("base weights", f"quantized {setup['base_quant']}" if setup["base_quant"] else "not quantized"))
+    dtype = gpus.compute_dtype(str(setup.get("precision") or "bf16-mixed"), accelerator) if accelerator else None
     gpu = NA if accelerator is None else (f"{accelerator.name} ({units.nbytes(accelerator.memory_bytes)}, "
-                                          f"{accelerator.peak_flops / 1e12:g} TFLOP/s dense bf16)")
-    return (*items, ("gpu", gpu))
+                                          f"{accelerator.peak(dtype) / 1e12:g} TFLOP/s dense {dtype}, the "
+                                          f"precision's matmul peak)")
+    derived = [(f"{key} (derived)", str(why)) for key, why in (setup.get("derived") or {}).items()]
+    return (*items, ("gpu", gpu), *derived)
 
 
 def _text(value) -> str:
@@ -179,11 +199,14 @@ def _text(value) -> str:
 def _seconds(plan: dict, setup: dict, accelerator) -> str:
     time = plan.get("time") or {}
     if time.get("seconds_per_step") is not None:
-        return seconds(time["seconds_per_step"])
+        basis = f" ({time['dtype']} peak, {time['bound']}-bound)" if time.get("dtype") and time.get("bound") else ""
+        return seconds(time["seconds_per_step"]) + basis
     if accelerator is None:
         return NA
     mfu = setup.get("mfu") or Setup.mfu          # the estimator's default utilization
-    return f"{seconds(gpus.seconds_per_step(plan['flops']['step'], accelerator, mfu))} (at {mfu:.0%} MFU)"
+    dtype = gpus.compute_dtype(str(setup.get("precision") or "fp32"), accelerator)
+    step = gpus.seconds_per_step(plan['flops']['step'], accelerator, mfu, dtype)
+    return f"{seconds(step)} (at {mfu:.0%} MFU of the {dtype} peak; compute only)"
 
 
 def _plan_row(plan: dict, setup: dict, accelerator, failed: set, judged: set) -> PlanRow:
@@ -197,7 +220,29 @@ def _plan_row(plan: dict, setup: dict, accelerator, failed: set, judged: set) ->
         peak_phase=plan.get("peak_phase") or NA, forward=units.flops(flops["forward"]),
         backward=units.flops(flops["backward"]), step=units.flops(flops["step"]),
         seconds=_seconds(plan, setup, accelerator),
-        verdict="fail" if plan["name"] in failed else "pass" if plan["name"] in judged else "")
+        verdict="fail" if plan["name"] in failed else "pass" if plan["name"] in judged else "",
+        fits=_fits(plan, accelerator), job=_job_cells(plan))
+
+
+def _fits(plan: dict, accelerator) -> str:
+    """Whether the plan's step peak (per rank, on a parallel layout) fits the GPU's memory."""
+    if accelerator is None:
+        return ""
+    peak = ((plan.get("parallel") or {}).get("per_rank_bytes") or {}).get("peak")
+    peak = peak if peak is not None else (plan.get("memory_bytes") or {}).get("peak")
+    if peak is None:
+        return NA
+    if peak <= accelerator.memory_bytes:
+        return f"fits ({peak / accelerator.memory_bytes:.0%})"
+    return f"does not fit (+{units.nbytes(peak - accelerator.memory_bytes)})"
+
+
+def _job_cells(plan: dict) -> tuple[str, str, str]:
+    job = plan.get("job")
+    if not job:
+        return ()
+    return (f"{job['steps']:,}", NA if job.get("gpu_hours") is None else units.amount(job["gpu_hours"]),
+            NA if job.get("cost") is None else units.amount(job["cost"]))
 
 
 # --------------------------------------------------------------------------- charts
@@ -221,9 +266,26 @@ def _bars(plans: list[dict], parts, values_of, scale: float, fmt) -> list[Bar]:
     return bars
 
 
-def _ticks(scale: float, fmt) -> tuple[tuple[float, str], ...]:
+BYTE_UNITS = ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
+FLOP_UNITS = ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP"), (1, "FLOP"))
+
+
+def nice_ticks(largest: float, unit_table) -> tuple[float, tuple[tuple[float, str], ...]]:
+    """(axis end, ((value, label), ...)): ticks at 1-2-5 steps of the unit the largest value is shown
+    in (2 GiB, 4 GiB, ...; never 32.95 GiB), about four of them, the axis ending on the last tick."""
+    largest = max(largest, 1.0)
+    scale, suffix = next(((s, u) for s, u in unit_table if largest >= s), unit_table[-1])
+    raw = largest / scale / 4
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    count = math.ceil(largest / scale / step - 1e-9)
+    ticks = tuple((i * step * scale, f"{i * step:g} {suffix}" if i else "0") for i in range(count + 1))
+    return ticks[-1][0], ticks
+
+
+def _ticks(scale: float, ticks) -> tuple[tuple[float, str], ...]:
     span = CHART_WIDTH - LABEL_WIDTH - 110
-    return tuple((round(LABEL_WIDTH + span * i / 4, 1), fmt(scale * i / 4)) for i in range(5))
+    return tuple((round(LABEL_WIDTH + span * value / scale, 1), label) for value, label in ticks)
 
 
 def _memory_chart(plans: list[dict], accelerator) -> Chart | None:
@@ -234,7 +296,7 @@ def _memory_chart(plans: list[dict], accelerator) -> Chart | None:
     totals = [max(sum(p["memory_bytes"].get(k, 0) for k, _ in MEMORY_PARTS), p["memory_bytes"]["peak"]) for p in plans]
     gpu_bytes = accelerator.memory_bytes if accelerator else 0
     on_scale = gpu_bytes <= 2 * max(totals)
-    scale = max(totals + [gpu_bytes if on_scale else 0]) * 1.05 or 1
+    scale, ticks = nice_ticks(max(totals + [gpu_bytes if on_scale else 0]), BYTE_UNITS)
     span = CHART_WIDTH - LABEL_WIDTH - 110
     bars = []
     for bar, plan in zip(_bars(plans, MEMORY_PARTS, lambda p: p["memory_bytes"], scale, units.nbytes), plans):
@@ -248,15 +310,20 @@ def _memory_chart(plans: list[dict], accelerator) -> Chart | None:
         line_x = round(LABEL_WIDTH + span * gpu_bytes / scale, 1) if on_scale else float(CHART_WIDTH - 4)
         if not on_scale:
             line_label += f" (off scale: {gpu_bytes / max(totals):.0f}x the largest plan) \u2192"
+    past = [p["name"] for p in plans
+            if sum(p["memory_bytes"].get(k, 0) for k, _ in MEMORY_PARTS) > p["memory_bytes"]["peak"]]
+    note = (f"{', '.join(past)}: the stacked parts pass the peak tick because they are never all alive at once "
+            "(saved activations are freed during backward, before the optimizer step; the tick is the largest "
+            "live total)") if past else ""
     return Chart(CHART_WIDTH, TOP + len(plans) * (BAR_HEIGHT + BAR_GAP) + 30, LABEL_WIDTH, tuple(bars),
-                 tuple(MEMORY_PARTS), _ticks(scale, units.nbytes), line_x, line_label, not on_scale)
+                 tuple(MEMORY_PARTS), _ticks(scale, ticks), line_x, line_label, not on_scale, note)
 
 
 def _flops_chart(plans: list[dict]) -> Chart:
-    scale = max(p["flops"]["step"] for p in plans) * 1.05 or 1
+    scale, ticks = nice_ticks(max(p["flops"]["step"] for p in plans), FLOP_UNITS)
     bars = _bars(plans, FLOP_PARTS, lambda p: p["flops"], scale, units.flops)
     return Chart(CHART_WIDTH, TOP + len(plans) * (BAR_HEIGHT + BAR_GAP) + 30, LABEL_WIDTH, tuple(bars),
-                 tuple(FLOP_PARTS), _ticks(scale, units.flops))
+                 tuple(FLOP_PARTS), _ticks(scale, ticks))
 
 
 # --------------------------------------------------------------------------- per layer, validation
@@ -272,24 +339,54 @@ def _layer_table(document: dict) -> LayerTable:
             for layer in plan["layers"]:
                 if layer.get("layer") not in labels:
                     labels.append(layer.get("layer"))
-        rows = []
-        for label in labels:
-            cells = []
-            for plan in plans:
-                entry = next((e for e in plan["layers"] if e.get("layer") == label), {})
-                tensors = tuple(str(t) for t in entry.get("trainable", ())) + \
-                    tuple(f"{t} (LoRA)" for t in entry.get("adapters", ()))
-                activation = entry.get("activation_bytes")
-                text = f"{units.params(entry.get('trainable_params', 0))} trainable; activations " + \
-                    (units.nbytes(activation) if activation is not None else NA)
-                cells.append((text, tensors))
-            rows.append(("outside layers" if label is None else f"layer {label}", tuple(cells)))
-        return LayerTable(True, columns, tuple(rows))
+        rows = [(label, tuple(_layer_cell(plan, label) for plan in plans)) for label in labels]
+        return LayerTable(True, columns, tuple(_fold_layers(rows)))
     roles = [r for r, n in document["model"]["params_by_role"].items() if n]
     rows = [(role, tuple((units.params(p["params"]["trainable_by_role"].get(role, 0)), ()) for p in plans))
             for role in roles]
     rows.append(("LoRA adapters", tuple((units.params(p["params"].get("adapter", 0)), ()) for p in plans)))
     return LayerTable(False, columns, tuple(rows))
+
+
+def _layer_cell(plan: dict, label) -> tuple[str, tuple[str, ...]]:
+    """(text, tensor names) of one plan's layer ``label``."""
+    entry = next((e for e in plan["layers"] if e.get("layer") == label), {})
+    tensors = tuple(str(t) for t in entry.get("trainable", ())) + \
+        tuple(f"{t} (LoRA)" for t in entry.get("adapters", ()))
+    activation = entry.get("activation_bytes")
+    text = f"{units.params(entry.get('trainable_params', 0))} trainable; activations " + \
+        (units.nbytes(activation) if activation is not None else NA)
+    return text, tensors
+
+
+def _without_index(cells: tuple, label) -> tuple:
+    """The cells with the layer's own index in each tensor name written ``*`` (layers.3.q -> layers.*.q):
+    what identical layers share."""
+    if not isinstance(label, int):
+        return cells
+    own = re.compile(rf"(?<![0-9]){label}(?![0-9])")
+    return tuple((text, tuple(own.sub("*", name) for name in tensors)) for text, tensors in cells)
+
+
+def _fold_layers(rows: list) -> list:
+    """Runs of consecutive layers whose cells are identical in every plan (up to the layer index in
+    tensor names) become one row, "layers 0\u201331 \u00d732", instead of 32 repeated rows."""
+    folded = []      # [first, last, cells, cells without index]
+    for label, cells in rows:
+        shared = _without_index(cells, label)
+        last = folded[-1] if folded else None
+        if (isinstance(label, int) and last and isinstance(last[1], int) and label == last[1] + 1
+                and shared == last[3]):
+            last[1] = label
+        else:
+            folded.append([label, label, cells, shared])
+    return [(_layer_label(first, end), cells if first == end else shared) for first, end, cells, shared in folded]
+
+
+def _layer_label(first, end) -> str:
+    if first is None:
+        return "outside layers"
+    return f"layer {first}" if first == end else f"layers {first}–{end} ×{end - first + 1}"
 
 
 def _validation_rows(document: dict) -> tuple[tuple[str, ...], ...]:
@@ -302,20 +399,22 @@ def _validation_rows(document: dict) -> tuple[tuple[str, ...], ...]:
             fmt = _formatter(quantity)
             error = entry.get("error")
             rows.append((plan["name"], str(quantity), fmt(entry.get("estimated")), fmt(entry.get("measured")),
-                         f"{error:+.1%}" if isinstance(error, (int, float)) else NA))
+                         f"{error:+.1%}" if isinstance(error, (int, float)) else NA, str(entry.get("verdict") or "-")))
     return tuple(rows)
 
 
 def _formatter(quantity: str):
+    name = quantity.lower()          # "step FLOPs", "peak bytes", "trainable parameters"
+
     def fmt(value):
         if not isinstance(value, (int, float)):
             return NA if value is None else str(value)
-        if "bytes" in quantity or "memory" in quantity:
+        if "bytes" in name or "memory" in name:
             return units.nbytes(int(value))
-        if "flops" in quantity:
+        if "flop" in name:
             return units.flops(int(value))
-        if "param" in quantity:
-            return units.params(int(value))
-        return f"{value:g}"
+        if "param" in name:
+            return f"{int(value):,}"           # exact: a parameter count is judged to the unit
+        return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
     return fmt
 

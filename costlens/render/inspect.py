@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from tabulate import tabulate
 
-from costlens.api import Model
+from costlens.model import Model
 from costlens.render import units
 from costlens.roles.types import ROLE_ORDER, ParamUse
 

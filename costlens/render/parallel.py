@@ -11,7 +11,7 @@ from costlens.render import units
 
 
 def is_parallel(setup) -> bool:
-    return (setup.gpus, setup.shard, setup.tp, setup.ep, setup.offload) != (1, "none", 1, 1, None)
+    return setup.is_parallel
 
 
 def parallel_entry(result) -> dict | None:

@@ -26,7 +26,11 @@ def flops(n: int) -> str:
 
 
 def share(part: int, whole: int) -> str:
-    return f"{100.0 * part / whole:.1f}%" if whole else "-"
+    """A share for table columns: three significant figures below 10% (0.124%), one decimal above."""
+    if not whole:
+        return "-"
+    value = 100.0 * part / whole
+    return f"{value:.3g}%" if 0 < abs(value) < 10 else f"{value:.1f}%"
 
 
 def seconds(value: float) -> str:
@@ -34,3 +38,16 @@ def seconds(value: float) -> str:
         if value >= scale:
             return f"{value / scale:.3g} {suffix}"
     return f"{value * 1e9:.3g} ns"
+
+
+def percent(part: int, whole: int) -> str:
+    """A share with four significant figures, as PEFT prints trainable% (0.1243%)."""
+    return f"{100.0 * part / whole:.4g}%" if whole else "-"
+
+
+def amount(value: float) -> str:
+    """Hours or money: whole with thousands separators from 100, two decimals below (never an
+    exponent: below 0.01 it reads "< 0.01")."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return "< 0.01" if 0 < abs(value) < 0.005 else f"{value:.2f}"

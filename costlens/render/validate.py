@@ -16,9 +16,11 @@ def validation_document(result: Validation, source: str, spec: str) -> dict:
         "plan": {"name": result.plan.name, "spec": spec},
         "setup": {"batch": result.batch, "seq": result.seq, "optimizer": setup.optimizer,
                   "optimizer_impl": setup.optimizer_impl, "precision": setup.precision,
+                  "attention": setup.attention, "checkpointing": setup.checkpointing, "loss": setup.loss,
                   "moe_dispatch": setup.moe_dispatch},
         "device": result.device,
         "measured_from": result.source,
+        "truth": result.truth_label,
         "comparisons": [{"quantity": c.quantity, "estimated": c.estimated, "measured": c.measured,
                          "error": c.error, "tolerance": c.tolerance, "ok": c.ok} for c in result.comparisons],
         "peak_phase": {"estimated": result.estimated_phase, "measured": result.measured_phase},
@@ -39,8 +41,10 @@ def validation_text(document: dict) -> str:
             for c in document["comparisons"]]
     setup = document["setup"]
     lines = [f"Model: {document['model']['source']}  plan: {document['plan']['spec']}",
-             f"measured on {document['device']} from the {document['measured_from']} graph; batch {setup['batch']}, "
-             f"seq {setup['seq']}, {setup['optimizer']} ({setup['optimizer_impl']}), {setup['precision']}", "",
+             f"truth: {document['truth']}, measured on {document['device']}",
+             f"batch {setup['batch']}, seq {setup['seq']}, {setup['optimizer']} ({setup['optimizer_impl']}), "
+             f"{setup['precision']}, {setup['attention']} attention"
+             + (", checkpointing" if setup["checkpointing"] else "") + f", {setup['loss']} loss", "",
              tabulate(rows, headers=["quantity", "estimated", "measured", "error", "tolerance", "verdict"],
                       tablefmt="simple", colalign=("left", "right", "right", "right", "right", "left")),
              "", f"peak phase: estimated {document['peak_phase']['estimated']}, "

@@ -30,6 +30,10 @@ QKV_PATH_OPS = frozenset({
     "Reshape", "Transpose", "Slice", "Split", "Concat", "Neg", "Mul", "Add", "Sub", "Unsqueeze",
     "Squeeze", "Expand", "Cast", "Identity", "Gather", "Tile", "Div", "com.microsoft.RotaryEmbedding",
     "RotaryEmbedding",
+    # per-head QK norms (Qwen3, OLMo2, Gemma 3 q_norm / k_norm) as one op; never a fused add+norm,
+    # which would lead back into the residual stream
+    "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+    "com.microsoft.SimplifiedLayerNormalization", "com.microsoft.LayerNormalization",
 })
 OUT_PATH_OPS = frozenset({"Transpose", "Reshape", "Cast", "Dropout", "Identity", "Squeeze", "Unsqueeze"})
 ROUTER_PATH_OPS = frozenset({"Softmax", "Sigmoid", "Cast", "Add", "Reshape", "Identity", "LogSoftmax", "Div", "Mul"})
@@ -37,6 +41,12 @@ ROUTER_PATH_OPS = frozenset({"Softmax", "Sigmoid", "Cast", "Add", "Reshape", "Id
 LOW_RANK_PATH_OPS = NORM_OPS | {"Mul", "Div", "Add", "Sub", "Sqrt", "Reciprocal", "Pow", "ReduceMean", "Cast",
                                 "Reshape", "Transpose", "Split", "Slice", "Squeeze", "Unsqueeze", "Identity"}
 # PhiMoE's sparsemixer between the router and its ArgMax passes: masking of far-off scores
+# DeepSeek-V3's group-limited routing between the group top-k and the top-k over all experts:
+# group scores summed, the kept groups scattered into a mask, the mask broadcast over the experts
+GROUP_ROUTING_OPS = frozenset({"ReduceSum", "ScatterElements", "ScatterND", "Unsqueeze", "Expand", "Reshape", "Where",
+                               "Not", "Equal", "Cast", "Mul", "Add", "ConstantOfShape", "Concat", "Shape", "Flatten",
+                               "TopK", "Sub", "Greater", "Less"})
+GROUP_ROUTING_DEPTH = 16
 SPARSEMIXER_OPS = frozenset({"ReduceMax", "Abs", "Max", "Sub", "Div", "Greater", "Where", "ScatterElements"})
 HEAD_PATH_OPS = frozenset({"Cast", "Reshape", "Add", "Transpose", "Identity", "Div", "Tanh", "Mul", "Squeeze"})
 ACTIVATION_OPS = {
@@ -204,26 +214,48 @@ class BlockFinder:
         sparsemixer picks its k experts with k ArgMax passes over masked scores instead:
         (the first ArgMax, the number of them)."""
         frontier, seen, argmaxes = [(self.view.nodes[site].outputs[0], 0)], set(), []
+        first_topk = None
         while frontier:
             name, level = frontier.pop(0)
             for index in self.view.consumer_nodes(name):
-                if index in seen or level > 4:
+                if index in seen or level > (GROUP_ROUTING_DEPTH if first_topk else 4):
                     continue
                 seen.add(index)
                 node = self.view.nodes[index]
                 if node.op == "TopK":
-                    k_value = self.view.graph.small_values.get(node.inputs[1]) if len(node.inputs) > 1 else None
-                    return index, (k_value[0] if k_value else None)
+                    found = (index, self._k_of(index))
+                    if self._over_all_experts(index, site):
+                        return found
+                    # group-limited routing (DeepSeek-V3): a top-k inside each group and a top-k of
+                    # groups come first; the experts are picked by the top-k over every expert
+                    first_topk = first_topk or found
+                    frontier.extend((o, level + 1) for o in node.outputs[:1] if o)
+                    continue
                 if node.op.endswith("MoE") and node.inputs[1:2] == (name,):
                     return index, node.attr("k")
                 if node.op == "ArgMax":
                     argmaxes.append(index)
                     continue
-                if index not in self.linear_sites and (node.op in ROUTER_PATH_OPS or node.op in SPARSEMIXER_OPS):
+                if index not in self.linear_sites and (node.op in ROUTER_PATH_OPS or node.op in SPARSEMIXER_OPS
+                                                       or (first_topk and node.op in GROUP_ROUTING_OPS)):
                     frontier.extend((o, level + 1) for o in node.outputs if o)
+        if first_topk is not None:
+            return first_topk
         if argmaxes and self._picks_experts(argmaxes):
             return min(argmaxes), len(argmaxes)
         return None
+
+    def _k_of(self, topk: int) -> int | None:
+        node = self.view.nodes[topk]
+        k_value = self.view.graph.small_values.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        return k_value[0] if k_value else None
+
+    def _over_all_experts(self, topk: int, site: int) -> bool:
+        """Does this TopK choose among all of the router's outputs (its input's last axis is the
+        router's width), rather than within a group or among groups? Unknown widths say yes."""
+        width = self.out_features(site)
+        shape = self.view.graph.shape(self.view.nodes[topk].inputs[0])
+        return not width or not shape or not isinstance(shape[-1], int) or shape[-1] == width
 
     def _picks_experts(self, argmaxes: list[int]) -> bool:
         """Do these ArgMax indices select rows of an expert tensor (not, say, a sampled token)?"""
@@ -263,19 +295,27 @@ class BlockFinder:
 
     # ------------------------------------------------------------------ head
     def reaches_output(self, site: int) -> bool:
-        outputs = set(self.view.graph.outputs)
-        frontier, seen = [self.view.nodes[site].outputs[0]], set()
+        """Whether the site's output flows to a graph output through HEAD_PATH_OPS nodes only
+        (no other linear in between)."""
+        # issue 12 (speed): one backward walk from the outputs, shared by every site; a forward
+        # walk per site made role location quadratic in depth (residual Adds lead to the output)
+        if getattr(self, "_head_reachable", None) is None:
+            self._head_reachable = self._tensors_reaching_output()
+        return self.view.nodes[site].outputs[0] in self._head_reachable
+
+    def _tensors_reaching_output(self) -> set[str]:
+        """Tensors from which a graph output is reached through non-linear HEAD_PATH_OPS nodes."""
+        reached = set(self.view.graph.outputs)
+        frontier = list(reached)
         while frontier:
-            name = frontier.pop()
-            if name in outputs:
-                return True
-            for index in self.view.consumer_nodes(name):
-                if index in seen or index in self.linear_sites:
-                    continue
-                seen.add(index)
-                if self.view.nodes[index].op in HEAD_PATH_OPS:
-                    frontier.extend(o for o in self.view.nodes[index].outputs if o)
-        return False
+            index = self.view.producer.get(frontier.pop())
+            if index is None or index in self.linear_sites or self.view.nodes[index].op not in HEAD_PATH_OPS:
+                continue
+            for name in self.view.nodes[index].inputs:
+                if name and name not in reached:
+                    reached.add(name)
+                    frontier.append(name)
+        return reached
 
     # ------------------------------------------------------------------ FFN
     def trace_to_linear(self, tensor: str, depth: int = 10) -> int | None:

@@ -8,7 +8,7 @@ that ends the last layer belongs to that layer.
 """
 from __future__ import annotations
 
-from costlens.roles.graphview import NORM_OPS, GraphView
+from costlens.roles.graphview import LINEAR_OPS, NORM_OPS, GraphView
 
 RESIDUAL_PATH_OPS = frozenset({"Add", "Cast", "Dropout", "Identity", "Reshape", "Mul"})
 NORM_DECOMPOSED_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Sqrt", "Reciprocal", "Pow", "ReduceMean", "Cast"})
@@ -29,8 +29,50 @@ def residual_entry(view: GraphView, o_site: int, depth: int = 4) -> str | None:
             data = view.data_inputs(index)
             if (node.op == "Add" or is_fused_add_norm(node.op)) and len(data) >= 2:
                 pair = data[:2]
-                return pair[0] if pair[1] == tensor else pair[1]
-        nxt = [i for i in consumers if view.nodes[i].op in RESIDUAL_PATH_OPS]
+                other = pair[0] if pair[1] == tensor else pair[1]
+                if node.op == "Add" and is_linear_output(view, other):
+                    # parallel blocks (Falcon, GPT-J): attention and MLP outputs are summed first,
+                    # then the sum is added to the stream
+                    stream = _stream_after_parallel_sum(view, node.outputs[0])
+                    if stream is not None:
+                        return stream
+                return other
+        # a sandwich norm (Gemma 2's post_attention_layernorm) normalizes the sublayer's output
+        # before the residual add: walk through a plain norm, never a fused add+norm
+        nxt = [i for i in consumers if view.nodes[i].op in RESIDUAL_PATH_OPS
+               or (view.nodes[i].op in NORM_OPS and not is_fused_add_norm(view.nodes[i].op))]
+        if not nxt:
+            return None
+        tensor = view.nodes[nxt[0]].outputs[0]
+    return None
+
+
+def is_linear_output(view: GraphView, tensor: str, depth: int = 4) -> bool:
+    """Is the tensor a linear's output (through views and a bias add): a sublayer's result?"""
+    for _ in range(depth):
+        index = view.producer.get(tensor)
+        if index is None:
+            return False
+        node = view.nodes[index]
+        data = view.data_inputs(index)
+        if node.op in LINEAR_OPS:
+            return any(x in view.graph.constants for x in node.inputs if x)
+        if node.op not in ("Reshape", "Cast", "Identity", "Transpose", "Add") or len(data) != 1:
+            return False
+        tensor = data[0]
+    return False
+
+
+def _stream_after_parallel_sum(view: GraphView, tensor: str, depth: int = 3) -> str | None:
+    """The stream the sum of two sublayer outputs is added to (None: no such add right after)."""
+    for _ in range(depth):
+        for index in view.consumer_nodes(tensor):
+            node = view.nodes[index]
+            data = view.data_inputs(index)
+            if node.op == "Add" and len(data) == 2:
+                other = data[0] if data[1] == tensor else data[1]
+                return None if is_linear_output(view, other) else other
+        nxt = [i for i in view.consumer_nodes(tensor) if view.nodes[i].op in ("Cast", "Identity", "Reshape", "Dropout")]
         if not nxt:
             return None
         tensor = view.nodes[nxt[0]].outputs[0]
@@ -63,6 +105,10 @@ def stream_before_norm(view: GraphView, tensor: str, depth: int = 10) -> str:
             return current
         node = view.nodes[index]
         data = view.data_inputs(index)
+        if is_fused_add_norm(node.op):
+            # the node is the residual add and the norm: the stream it normalizes is its own sum,
+            # whichever input slot carries the residual (the tail opens at this node)
+            return current
         if node.op in NORM_OPS:
             return data[0] if data else current
         if node.op not in NORM_DECOMPOSED_OPS or not data:
@@ -87,7 +133,8 @@ def label_layers(view: GraphView, entries: list[str], tail_start: str | None) ->
         label = max((tensor_label.get(x, -1) for x in node.inputs if x and view.is_data(x)), default=-1)
         if is_fused_add_norm(node.op):
             # the add closes the previous layer, the norm opens the one whose entry it emits
-            label = max([label] + [bump[o] for o in node.outputs[1:] if o in bump])
+            # (its sum, output 3; or the normalized output 0 where it opens the tail)
+            label = max([label] + [bump[o] for o in node.outputs if o in bump])
         labels.append(label)
         for out in node.outputs:
             if out:

@@ -16,6 +16,7 @@ from costlens.roles.blocks import ACTIVATION_OPS, BlockFinder
 from costlens.roles.graphview import NORM_OPS, GraphView
 from costlens.roles.layers import is_norm_output, is_post_norm, label_layers, residual_entry, stream_before_norm
 from costlens.roles.params import ParamSite, SiteKind, classify_sites
+from costlens.roles.streams import refuse_two_streams
 from costlens.roles.summary import summarize
 from costlens.roles.types import AttentionBlock, FFNUnit, ParamUse, Role, RoleMap, Router
 
@@ -36,6 +37,7 @@ def locate_roles(graph: Graph, require_attention: bool = True) -> RoleMap:
     cores = sorted(finder.attention_cores(), key=lambda c: c.score_node or 0)
     if not cores and require_attention:
         raise StructureError(f"{graph.source}: no attention found (no Q·Kᵀ → Softmax → ·V and no fused attention op)")
+    refuse_two_streams(view, cores)
     projections = [finder.projections(core) for core in cores]
     for q, k, v, o in projections:
         _mark_attention(site_role, q, k, v, o)
@@ -43,7 +45,7 @@ def locate_roles(graph: Graph, require_attention: bool = True) -> RoleMap:
     head_sites = [s for s in sorted(linear_sites - set(site_role)) if finder.reaches_output(s)]
     for site in head_sites:
         site_role[site] = (Role.LM_HEAD, "weight")
-    head_stream, transforms = _head_transform(view, head_sites, linear_sites - set(site_role))
+    head_stream, transforms, head_norms = _head_transform(view, head_sites, linear_sites - set(site_role))
     for site in transforms:
         site_role[site] = (Role.LM_HEAD, "transform")
 
@@ -65,7 +67,8 @@ def locate_roles(graph: Graph, require_attention: bool = True) -> RoleMap:
         _mark_unit(site_role, unit)
     _claim_expert_gates(finder, view, site_role, ffn_units, linear_sites)
 
-    params, buffers = _param_uses(view, sites, site_role, layer_of)
+    norm_role = _norm_roles(norm_sites, head_norms, labels, n_layers)
+    params, buffers = _param_uses(view, sites, site_role, layer_of, norm_role)
     attentions = tuple(_attention_block(finder, view, core, proj, layer_of) for core, proj in zip(cores, projections))
     router_info = tuple(Router(layer_of(s), s, t, finder.out_features(s) or 0, k) for s, t, k, _ in routers)
     architecture = summarize(view, params, attentions, router_info, ffn_units, entries, norm_sites)
@@ -199,15 +202,20 @@ def _claim_expert_gates(finder, view, site_role, units, linear_sites) -> None:
 
 # --------------------------------------------------------------------------- layers
 
-def _head_transform(view: GraphView, head_sites: list[int], free_linears: set[int]) -> tuple[str | None, list[int]]:
-    """(the stream tensor the head reads, the linears of a head transform before it). BERT's MLM
+def _head_transform(view: GraphView, head_sites: list[int],
+                    free_linears: set[int]) -> tuple[str | None, list[int], list[int]]:
+    """(the stream tensor the head reads, the linears of a head transform before it, the norms
+    inside that transform). BERT's MLM
     head runs dense → GELU → LayerNorm before the decoder: those linears belong to the head.
     The walk back from the head's input stops at a norm of the residual stream (an add of two
-    streams), which ends the last layer."""
+    streams), which ends the last layer. A walk that never meets one (it reaches the graph's
+    input: a plain MLP, no residual stream) found the model's own layers, not a head transform."""
     if not head_sites:
-        return None, []
+        return None, [], []
     tensor = _before_views(view, view.data_inputs(head_sites[0])[0])
     transforms: list[int] = []
+    norms: list[int] = []
+    ends_at_stream = False
     for _ in range(12):
         index = view.producer.get(tensor)
         if index is None:
@@ -215,15 +223,32 @@ def _head_transform(view: GraphView, head_sites: list[int], free_linears: set[in
         node = view.nodes[index]
         data = view.data_inputs(index)
         if node.op in NORM_OPS and data and _is_residual_sum(view, data[0]):
+            ends_at_stream = True
             break
         if index in free_linears:
             transforms.append(index)
         elif len(data) != 1 or not (node.op in NORM_OPS or node.op in ACTIVATION_OPS or node.op in HEAD_TRANSFORM_OPS):
             break
+        elif node.op in NORM_OPS:
+            norms.append(index)
         tensor = _before_views(view, data[0])
-    if not transforms:
-        return _before_views(view, view.data_inputs(head_sites[0])[0]), []
-    return tensor, transforms
+    if not transforms or not ends_at_stream:
+        return _before_views(view, view.data_inputs(head_sites[0])[0]), [], []
+    return tensor, transforms, norms
+
+
+def _norm_roles(norm_sites: set[int], head_norms: list[int], labels: list[int], n_layers: int) -> dict:
+    """Norm sites whose use is not a plain NORM. A norm inside the head transform (BERT's
+    cls.predictions.transform.LayerNorm, between the transform dense and the decoder) is part of
+    the head: ``--train head`` trains it, as PEFT's modules_to_save=["cls"] does. A norm before the
+    first block (BERT's embeddings LayerNorm, BLOOM's word_embeddings_layernorm) normalizes the
+    embeddings: it stays a norm, with kind "embed_norm" so that ``embed`` selects it too (left
+    trainable under a frozen embedding it would force a backward through every frozen block)."""
+    roles = {site: (Role.LM_HEAD, "norm") for site in head_norms}
+    if n_layers:
+        roles.update({site: (Role.NORM, "embed_norm") for site in norm_sites
+                      if labels[site] < 0 and site not in roles})
+    return roles
 
 
 def _is_residual_sum(view: GraphView, tensor: str) -> bool:
@@ -261,9 +286,10 @@ def _before_views(view: GraphView, tensor: str, depth: int = 4) -> str:
 
 # --------------------------------------------------------------------------- params
 
-def _param_uses(view: GraphView, sites: dict[str, list[ParamSite]], site_role, layer_of):
+def _param_uses(view: GraphView, sites: dict[str, list[ParamSite]], site_role, layer_of, norm_role=None):
     params: list[ParamUse] = []
     buffers: set[str] = set()
+    keyed: set[str] = set()          # constants that already have a use (was a scan of params per use)
     for name, group in sites.items():
         const = view.graph.constants[name]
         uses = [s for s in group if s.kind is not SiteKind.BUFFER]
@@ -278,11 +304,14 @@ def _param_uses(view: GraphView, sites: dict[str, list[ParamSite]], site_role, l
             if seen_nodes[node_index] > 1:
                 continue   # the same constant twice into one node is one use
             role, kind = _role_of(use, site_role)
+            if use.kind is SiteKind.NORM and norm_role and node_index in norm_role:
+                role, kind = norm_role[node_index]
             tied = None
             count = const.n_elements
             if token_use is not None and use is not token_use and role is Role.LM_HEAD:
                 tied, count = name, 0
-            key = name if not params or all(p.constant != name for p in params) else f"{name}#{n}"
+            key = name if name not in keyed else f"{name}#{n}"
+            keyed.add(name)
             params.append(ParamUse(
                 key=key, constant=name, role=role, kind=kind, layer=layer_of(node_index), n_params=count,
                 shape=const.shape, site=view.nodes[node_index].name, hint=view.nodes[node_index].scope,

@@ -15,20 +15,22 @@ def summarize(view: GraphView, params, attentions, routers, units, entries, norm
     main_units = [u for u in units if u.role is Role.FFN] or [u for u in units if u.role is Role.EXPERTS]
     unit = main_units[0] if main_units else None
     router = routers[0] if routers else None
+    vocab, hidden = _token_dims(view, token)
+    if hidden is None and first_attention:
+        hidden = _width(view, first_attention.q_sites, inputs=True)
     return Architecture(
         layers=len(attentions),
-        hidden=token.shape[1] if token and len(token.shape) == 2 else (
-            _width(view, first_attention.q_sites, inputs=True) if first_attention else None),
+        hidden=hidden,
         heads=first_attention.heads if first_attention else None,
         kv_heads=first_attention.kv_heads if first_attention else None,
         head_dim=first_attention.head_dim if first_attention else None,
-        ffn=_ffn_width(view, unit) if unit else _fused_moe_width(view, token),
+        ffn=_ffn_width(view, unit) if unit else _fused_moe_width(view, hidden),
         activation=unit.activation if unit else _fused_moe_activation(view),
         gated_ffn=bool(unit and unit.activation.endswith("(gated)")) or "swiglu" in (_fused_moe_activation(view) or ""),
         experts=router.n_experts if router else 0,
         top_k=router.top_k if router else None,
         shared_experts=any(u.role is Role.SHARED_EXPERTS for u in units),
-        vocab=token.shape[0] if token else (_width(view, (_site_index(view, head.site),)) if head else None),
+        vocab=vocab if token else (_width(view, (_site_index(view, head.site),)) if head else None),
         norm=_norm_kind(view, norm_sites),
         norm_placement="post" if is_post_norm(view, entries, norm_sites) else "pre",
         positions=_positions(view, params),
@@ -41,15 +43,33 @@ def _fused_moe(view: GraphView):
     return next((n for n in view.nodes if n.op.endswith("MoE")), None)
 
 
-def _fused_moe_width(view: GraphView, token) -> int | None:
-    """Expert width from fc2's 3-D weight: the dim that is not E and not the hidden size."""
+def _fused_moe_width(view: GraphView, hidden: int | None) -> int | None:
+    """Expert width F from fc2's 3-D weight. onnxruntime's MoE stores fc2 as [E, D, F] (out, in,
+    as nn.Linear); the older [E, F, D] layout is told apart only where D != F and D is known."""
     node = _fused_moe(view)
     if node is None or len(node.inputs) < 5 or node.inputs[4] not in view.graph.constants:
         return None
     shape = view.graph.constants[node.inputs[4]].shape
-    hidden = token.shape[1] if token else None
-    rest = [d for d in shape[1:] if d != hidden]
-    return rest[0] if len(rest) == 1 else None
+    if len(shape) != 3:
+        return None
+    if hidden is not None and shape[2] == hidden and shape[1] != hidden:
+        return shape[1]
+    return shape[2]
+
+
+def _token_dims(view: GraphView, token) -> tuple[int | None, int | None]:
+    """(vocab, hidden) of the token table from what its lookup emits: [..., hidden]. A builder
+    that shares the table with a tied head stores it as the head's [hidden, vocab] matrix and
+    looks rows up through a Transpose, so the constant's own shape can be the wrong way round."""
+    if token is None or len(token.shape) != 2:
+        return None, None
+    index = next((i for i, n in enumerate(view.nodes) if n.name == token.site), None)
+    shape = view.graph.shape(view.nodes[index].outputs[0]) if index is not None else None
+    hidden = shape[-1] if shape and isinstance(shape[-1], int) else token.shape[1]
+    if hidden not in token.shape:
+        hidden = token.shape[1]
+    vocab = token.shape[0] * token.shape[1] // hidden
+    return vocab, hidden
 
 
 def _fused_moe_activation(view: GraphView) -> str | None:

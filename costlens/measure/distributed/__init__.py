@@ -195,7 +195,8 @@ def validate_distributed(source: str, plan, setup, gpus: int, shard: str, tp: in
     Returns (Validation, ParallelEstimate, DistributedMeasurement)."""
     from dataclasses import replace as _replace
 
-    from costlens.api import load
+    from costlens.frontends.source import load_graph
+    from costlens.model import analyse
     from costlens.errors import PlanError
     from costlens.estimate import estimate
     from costlens.measure.validate import Comparison, Validation, _measurable
@@ -215,7 +216,7 @@ def validate_distributed(source: str, plan, setup, gpus: int, shard: str, tp: in
         raise PlanError("distributed validation needs an import spec package.module:factory")
     if model is None:
         progress("tracing the module")
-        model = load(source)
+        model = analyse(load_graph(source))
     result = estimate(model, plan, setup)
     parallel = estimate_parallel(result, gpus, shard if two_d or tp == 1 else "none", tp=tp)
     progress(f"measuring two steps on {gpus} gloo ranks ({mode})")

@@ -392,6 +392,3 @@ def _repeat_heads(b: Builder, x: Value, heads: int, scope: str) -> Value:
     wide = b.one("Unsqueeze", [x, b.ints([2])], (bsz, kv, 1, seq, dim), x.dtype, scope=scope)
     wide = b.one("Expand", [wide, b.ints([1, 1, groups, 1, 1])], (bsz, kv, groups, seq, dim), x.dtype, scope=scope)
     return b.one("Reshape", [wide, b.ints([0, heads, -1, dim])], (bsz, heads, seq, dim), x.dtype, scope=scope)
-
-
-from costlens.frontends import aten_layout, aten_tensors  # noqa: E402,F401  (register their rules)

@@ -7,7 +7,7 @@ never be mistaken for a weight.
 """
 from __future__ import annotations
 
-from costlens.frontends.aten import Call, emit, lowers, norm_dim, shape_list, tensor
+from costlens.frontends.aten.core import Call, emit, lowers, norm_dim, shape_list, tensor
 from costlens.frontends.irbuild import ONNX_DTYPE_CODES, Builder, Sym, Value
 
 # --------------------------------------------------------------------------- creation

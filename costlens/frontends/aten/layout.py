@@ -6,7 +6,7 @@ indexed by the sequence length reads as a table, not a weight — as in ONNX exp
 """
 from __future__ import annotations
 
-from costlens.frontends.aten import (
+from costlens.frontends.aten.core import (
     Call, Unsupported, _cast, emit, lowers, norm_dim, shape_list, tensor, vector,
 )
 from costlens.frontends.irbuild import INT64_MAX, Builder, Value

@@ -1,0 +1,238 @@
+"""The truth of `costlens validate` for a Hugging Face config: the real transformers module.
+
+The causal-LM module of the config is built with random weights (seeded; nothing is
+downloaded, custom code is never run: frontends/hf_config.read_config refuses ``auto_map``),
+the recipe is applied as people run it, and its real training step is measured by
+``measure_step``:
+
+- precision "fp32"; "bf16-autocast" / "fp16-autocast": fp32 weights, gradients and AdamW,
+  forward and loss under ``torch.autocast`` (HF Trainer bf16=True / fp16=True; on the CPU no
+  GradScaler, which holds one scalar); "bf16": ``model.to(bfloat16)`` before PEFT, so PEFT's
+  default keeps the adapters fp32 on the bf16 base; "bf16-mixed" / "fp16-mixed": every
+  parameter half precision, the optimizer steps fp32 master copies (step.MasterCopyOptimizer);
+- attention "eager" runs ``attn_implementation="eager"``, "sdpa" and "fused" run "sdpa"
+  (on the CPU torch picks its SDPA kernel; "fused" is the estimator's flash-style pricing);
+- checkpointing: ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``;
+- loss "ce" (cross-entropy of the logits against the ids), "hf" (the model's own loss,
+  labels=input_ids); "chunked" is refused (no chunked loss is measured yet);
+- the plan's ``dropout`` is written into every dropout probability of the config (0 by
+  default, so the estimate and the real module agree on where dropout runs).
+
+``shrink_config`` makes a small model of the same architecture (``--tiny`` or explicit sizes):
+heads keep their GQA group ratio, experts are kept (at most 8), per-layer lists are cut.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+from costlens.errors import PlanError
+
+TINY_HEAD_DIM = 16
+TINY_MAX_EXPERTS = 8
+TINY = {"layers": 2, "hidden": 64, "vocab": 256, "experts": TINY_MAX_EXPERTS}
+HALF = {"bf16": "bfloat16", "bf16-mixed": "bfloat16", "fp16-mixed": "float16"}
+AUTOCAST = {"bf16-autocast": "bfloat16", "fp16-autocast": "float16"}
+# DeepSeek MLA widths: scaled with the hidden size when it shrinks
+MLA_WIDTHS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "ffn_hidden_size", "moe_intermediate_size",
+                     "shared_expert_intermediate_size")
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes to shrink a config to; None keeps the config's own."""
+
+    layers: int | None = None
+    hidden: int | None = None
+    heads: int | None = None
+    vocab: int | None = None
+    intermediate: int | None = None
+    experts: int | None = None
+
+    @classmethod
+    def tiny(cls, **overrides) -> "Dims":
+        return cls(**{**TINY, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in vars(self).values())
+
+
+def _even(value: float, smallest: int = 2) -> int:
+    return max(smallest, 2 * round(value / 2))
+
+
+def shrink_config(config, dims: Dims):
+    """A copy of ``config`` at ``dims`` (same model_type, same kinds of blocks)."""
+    from costlens.frontends.hf_config import layer_count, shallow_config
+    for name, value in vars(dims).items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PlanError(f"--{name} must be a positive whole number, got {value!r}")
+    layers = layer_count(config)
+    small = shallow_config(config, dims.layers) if dims.layers and layers and dims.layers <= layers \
+        else copy.deepcopy(config)
+    if dims.layers and layers and dims.layers > layers:
+        raise PlanError(f"--layers {dims.layers}: the config has {layers} layers (validate shrinks, never grows)")
+    if dims.layers and getattr(small, "first_k_dense_replace", None):
+        small.first_k_dense_replace = min(small.first_k_dense_replace, dims.layers // 2)
+    if dims.hidden:
+        _shrink_width(small, config, dims)
+    elif dims.heads:
+        raise PlanError("--heads needs --hidden (the head width follows from both)")
+    if dims.intermediate:
+        for key in INTERMEDIATE_KEYS:
+            if getattr(small, key, None):
+                setattr(small, key, dims.intermediate)
+    if dims.vocab:
+        _shrink_vocab(small, dims.vocab)
+    if dims.experts:
+        _shrink_experts(small, dims.experts)
+    return small
+
+
+def _shrink_width(small, full, dims: Dims) -> None:
+    hidden, old_hidden = dims.hidden, full.hidden_size
+    old_heads = getattr(full, "num_attention_heads", None) or 1
+    old_kv = getattr(full, "num_key_value_heads", None) or old_heads
+    group = max(1, old_heads // old_kv)                       # query heads per key/value head
+    heads = dims.heads or max(1, hidden // TINY_HEAD_DIM)
+    if hidden % heads:
+        raise PlanError(f"--hidden {hidden} is not a multiple of {heads} heads")
+    kv = max(1, heads // group)
+    while heads % kv:
+        kv -= 1
+    small.hidden_size = hidden
+    small.num_attention_heads = heads
+    if getattr(full, "num_key_value_heads", None) is not None:
+        small.num_key_value_heads = kv
+    ratio = hidden / old_hidden
+    if getattr(full, "head_dim", None) and not getattr(full, "qk_rope_head_dim", None):
+        small.head_dim = hidden // heads      # (DeepSeek's MLA head_dim is its RoPE width, scaled below)
+    if not dims.intermediate:
+        for key in INTERMEDIATE_KEYS:
+            value = getattr(full, key, None)
+            if isinstance(value, int) and value:
+                setattr(small, key, _even(value * ratio, 8))
+    for key in MLA_WIDTHS:
+        value = getattr(full, key, None)
+        if isinstance(value, int) and value:
+            setattr(small, key, _even(value * ratio, 4))
+    if getattr(full, "qk_rope_head_dim", None) and getattr(full, "head_dim", None) == full.qk_rope_head_dim:
+        small.head_dim = small.qk_rope_head_dim
+
+
+def _shrink_vocab(small, vocab: int) -> None:
+    small.vocab_size = vocab
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(small, key, None)
+        if isinstance(value, int) and value >= vocab:
+            setattr(small, key, None if key == "pad_token_id" else vocab - 1)
+
+
+def _shrink_experts(small, most: int) -> None:
+    for key in EXPERT_KEYS:
+        experts = getattr(small, key, None)
+        if isinstance(experts, int) and experts > most:
+            setattr(small, key, most)
+            experts = most
+        if isinstance(experts, int) and experts:
+            if getattr(small, "num_experts_per_tok", None):
+                small.num_experts_per_tok = min(small.num_experts_per_tok, experts)
+            groups = getattr(small, "n_group", None)
+            if isinstance(groups, int) and groups and experts % groups:
+                small.n_group = math.gcd(groups, experts)
+                small.topk_group = min(getattr(small, "topk_group", 1) or 1, small.n_group)
+
+
+# --------------------------------------------------------------------------- the recipe
+
+def check_recipe(setup, device: str) -> None:
+    """Refuse (PlanError, one line) what cannot be measured here, saying why."""
+    import torch
+    if getattr(setup, "base_quant", None):
+        raise PlanError(f"validate cannot measure --quant {setup.base_quant}: the quantized base needs bitsandbytes "
+                        "on a CUDA device (not installed here); the estimate still prices it (costlens plan)")
+    if setup.loss == "chunked":
+        raise PlanError("validate does not measure a chunked loss yet (use --loss ce or hf)")
+    if setup.optimizer == "adamw-8bit":
+        import importlib.util
+        if importlib.util.find_spec("bitsandbytes") is None or device == "cpu":
+            raise PlanError("validate cannot run adamw-8bit here: it needs bitsandbytes on a CUDA device "
+                            "(no CPU implementation is installed); the estimate still prices it (costlens plan)")
+        raise PlanError("validate does not run bitsandbytes' 8-bit AdamW yet")
+    if setup.precision == "fp16-autocast" and not _autocast_fp16_works(torch, device):
+        raise PlanError(f"fp16-autocast: torch {torch.__version__} has no float16 autocast on {device}")
+
+
+def _autocast_fp16_works(torch, device: str) -> bool:
+    try:
+        with torch.autocast(torch.device(device).type, dtype=torch.float16):
+            return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
+    except Exception:  # noqa: BLE001 - an autocast torch does not offer
+        return False
+
+
+def step_recipe(setup):
+    """The step.StepRecipe of a Setup."""
+    import torch
+    from costlens.measure.step import StepRecipe
+    autocast = getattr(torch, AUTOCAST[setup.precision]) if setup.precision in AUTOCAST else None
+    return StepRecipe(loss=setup.loss, autocast=autocast, master_weights=setup.precision.endswith("-mixed"))
+
+
+def _set_dropout(config, probability: float) -> None:
+    """Every dropout probability of the config (and of its sub-configs) to ``probability``."""
+    for key, value in list(vars(config).items()):
+        if isinstance(value, float) and not isinstance(value, bool) and (
+                "dropout" in key or key.endswith("pdrop")) and not key.startswith("_"):
+            setattr(config, key, probability)
+
+
+def build_real_module(config, setup, dropout: float = 0.0, seed: int = 0):
+    """The real causal-LM module of ``config`` on the CPU, with random (seeded) weights, in
+    training mode, with the setup's attention kernel, checkpointing and pure-bf16 weights."""
+    import torch
+    from costlens.frontends.hf_config import ConfigError, transformers_offline
+    transformers = transformers_offline()
+    config = copy.deepcopy(config)
+    config.use_cache = False
+    _set_dropout(config, dropout)
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ConfigError(f"unsupported architecture {config.model_type!r} (transformers {transformers.__version__} "
+                          "has no causal-LM model for it)")
+    torch.manual_seed(seed)
+    attention = "eager" if setup.attention == "eager" else "sdpa"
+    # pure bf16 as from_pretrained(dtype=bfloat16) builds it: parameters bf16, buffers computed in
+    # fp32 (RoPE inv_freq) stay fp32; built before PEFT, so its adapters stay fp32 (PEFT's default)
+    dtype = torch.bfloat16 if setup.precision == "bf16" else torch.float32
+    try:
+        module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - a config transformers cannot build, in one line
+        raise ConfigError(f"could not build the {config.model_type} module ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    module.train()
+    if setup.checkpointing:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return module
+
+
+def to_half_after_plan(module, setup):
+    """"bf16-mixed" / "fp16-mixed": every parameter (adapters too) in half precision; buffers
+    keep their dtype, as from_pretrained(dtype=...) leaves them."""
+    import torch
+    if setup.precision in ("bf16-mixed", "fp16-mixed"):
+        half = getattr(torch, HALF[setup.precision])
+        for parameter in module.parameters():
+            parameter.data = parameter.data.to(half)
+    return module
+
+
+def truth_label(module) -> str:
+    """"real module (transformers X.Y Class)" of a (PEFT-wrapped) transformers module."""
+    import transformers
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    version = ".".join(transformers.__version__.split(".")[:2])
+    return f"real module (transformers {version} {type(base).__name__})"
