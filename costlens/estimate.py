@@ -12,6 +12,7 @@ from typing import Mapping
 from costlens.model import Model
 from costlens.errors import PlanError
 from costlens.flops import FlopCounts, count_flops
+from costlens.gpus import StepTime  # noqa: F401  (the roofline time lives in gpus.py; re-exported)
 from costlens.gradients import Adapter, StepAnalysis, analyze
 from costlens.memory import MemoryBytes, estimate_memory
 from costlens.plans import Plan, Setup, check_setup
@@ -28,9 +29,6 @@ class ParamCounts:
     frozen: int
     trainable_by_role: Mapping[str, int]
     active_per_token: int
-
-
-from costlens.gpus import StepTime  # noqa: E402,F401  (issue 16: the roofline time lives in gpus.py)
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,17 @@ def test_export_refuses_an_onnx_source(tmp_path):
         export_onnx(FIXTURES / "llama.onnx", tmp_path / "x.onnx")
 
 
+def test_export_checks_the_output_before_tracing(tmp_path, monkeypatch):
+    from costlens.frontends import onnx_export
+    traced = []
+    monkeypatch.setattr(onnx_export, "resolve_module", lambda source: traced.append(source))
+    with pytest.raises(onnx_export.ExportError, match="does not exist"):
+        onnx_export.export_onnx("models:llama_like", tmp_path / "missing" / "x.onnx")
+    with pytest.raises(onnx_export.ExportError, match="is a folder"):
+        onnx_export.export_onnx("models:llama_like", tmp_path)
+    assert traced == []            # refused before any trace
+
+
 # --------------------------------------------------------------------------- fvcore
 
 @pytest.mark.parametrize("name", list(FACTORIES))

@@ -48,10 +48,15 @@ def export_onnx(source, output: str | os.PathLike) -> Path:
     from costlens.frontends.torch_export import (
         traced_canonical, dynamic_shapes, quiet, device_of, evaluating, example_args,
     )
+    output = Path(output)
+    # checked before the trace, which can take minutes on a big model (issue 16 item 10)
+    if not output.parent.is_dir():
+        raise ExportError(f"{output}: the folder {output.parent} does not exist")
+    if output.is_dir():
+        raise ExportError(f"{output}: is a folder (give the .onnx file to write)")
     module, example_inputs = resolve_module(source)
     args, kwargs = example_args(example_inputs, device_of(module))
     dynamic, _ = dynamic_shapes(args, kwargs)
-    output = Path(output)
     names = [f"input_{i}" if i else "input_ids" for i in range(len(args))]
     with quiet(), traced_canonical(module), evaluating(module):
         try:
@@ -63,10 +68,16 @@ def export_onnx(source, output: str | os.PathLike) -> Path:
             raise ExportError(f"{source}: torch.onnx could not export the model ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from e
     shapes = _optimize_without_weights(program.model, source)
-    program.save(output)
-    model = onnx.load_model(str(output), load_external_data=False)
-    _add_external_initializers(model, shapes, f"{output.name}.data")
-    onnx.save_model(model, str(output))
+    # written under a temporary name in the same folder and renamed: never a half-written file
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        program.save(partial)
+        model = onnx.load_model(str(partial), load_external_data=False)
+        _add_external_initializers(model, shapes, f"{output.name}.data")
+        onnx.save_model(model, str(partial))
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
     return output
 
 
