@@ -289,13 +289,16 @@ def _attach_validation(document: dict, model, plans: list, setup, device: str) -
     import importlib.util
     if importlib.util.find_spec("torch") is None:
         raise CostlensError("--validate runs real training steps: it needs the torch extra (pip install 'costlens[torch]')")
+    from costlens.cli_fit import Ticker
     from costlens.measure.validate import validate_onnx
+    progress = Ticker("validating")    # on stderr, and only when it is a terminal
     for entry, (spec, chosen) in zip(document["plans"], plans):
-        click.echo(f"costlens: validating plan {entry['name']}...", err=True)
+        progress(f"plan {entry['name']}")
         result = validate_onnx(model.graph.source, chosen, setup, device=device)
         entry["validation"] = {c.quantity: {"estimated": c.estimated, "measured": c.measured, "error": c.error,
                                              "tolerance": c.tolerance, "verdict": _verdict(c)}
                                for c in result.comparisons}
+    progress.close()
 
 
 def _verdict(comparison) -> str:
@@ -398,7 +401,8 @@ def validate(model, device, tolerance, inference, as_json, loss, tiny, layers, h
     if dims.given and is_onnx and config is None:
         raise CostlensError(f"{model}: --tiny and the size options shrink a Hugging Face config, and this ONNX file "
                             "has none (give --source-config CONFIG.json, or validate the config itself)")
-    progress = lambda message: click.echo(f"costlens: {message}...", err=True)  # noqa: E731
+    from costlens.cli_fit import Ticker
+    progress = Ticker("validate")      # on stderr, and only when it is a terminal (issue 14 item 4)
     if setup.gpus > 1:
         from costlens.measure.distributed import validate_distributed
         if device != "cpu":
@@ -421,6 +425,7 @@ def validate(model, device, tolerance, inference, as_json, loss, tiny, layers, h
         if dims.given:
             raise CostlensError("--tiny and the size options shrink a Hugging Face config, not an import spec")
         result = validate_torch(model, chosen, setup, device=device, tolerance=tolerance, progress=progress)
+    progress.close()
     document = validation_document(result, model, spec)
     click.echo(json.dumps(document, indent=2) if as_json else validation_text(document))
     if not result.ok:

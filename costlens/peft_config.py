@@ -234,6 +234,8 @@ def _adapted(data: dict, uses, saved: dict, source: str, head_is_linear: bool) -
             refused.append(f"{path} (holds 3-D expert tensors: PEFT adapts them with target_parameters)")
         elif use.role not in LORA_ROLES or use.kind in ("norm", "token", "position"):
             refused.append(f"{path} ({use.role.value} {use.kind}: costlens prices LoRA on linear layers only)")
+        elif use.kind == "gate_scale":     # never adapted by costlens (gradients.NOT_ADAPTED): refused, not dropped
+            refused.append(f"{path} (a d->1 gate scaling the shared expert: costlens does not price LoRA on it)")
         else:
             adapted[use.key] = path
     if isinstance(targets, (list, tuple)) or (isinstance(targets, str) and not all_linear):

@@ -6,6 +6,7 @@ on the real module (fixtures/models.py factories, a tiny transformers LLaMA), ne
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -175,3 +176,11 @@ def test_validate_measures_the_peft_plan(tmp_path):
     assert result.exit_code == 0, result.output
     rows = {row["quantity"]: row for row in json.loads(result.stdout)["comparisons"]}
     assert rows["trainable params"]["measured"] == peft_count(fixture_models.llama_like(), config)
+
+
+def test_all_linear_on_a_gated_shared_expert_is_refused_not_undercounted():
+    # PEFT's all-linear adapts Qwen2-MoE's shared_expert_gate (a d -> 1 nn.Linear); costlens does
+    # not price LoRA on that gate, so the plan is refused by name rather than counted short
+    model = costlens.load(Path(__file__).resolve().parent.parent / "fixtures" / "hf" / "qwen2_moe.config.json")
+    with pytest.raises(PlanError, match="shared_expert_gate"):
+        plan_from_peft({"target_modules": "all-linear", "r": 8}, model, transformers_model=True)
