@@ -455,13 +455,16 @@ def _cuda_available() -> bool:
               help="Also write a self-contained HTML report to this file.")
 @click.option("--validate", "validate_on", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Also measure each plan on this device and attach the errors (torch extra; minutes on big models).")
+@click.option("--peft", "peft_files", multiple=True, type=click.Path(),
+              help="A PEFT adapter_config.json (or its folder), repeatable: its plan is priced beside the others "
+                   "(named peft-FOLDER; beside the default plans when no --plan or --plans is given).")
 @setup_options
 @QUANT
 @job_options
 @TRACER
 @REVISION
 @friendly_errors
-def compare(model, plans_file, plans, html_path, validate_on, as_json, tracer, revision, **setup) -> None:
+def compare(model, plans_file, plans, html_path, validate_on, as_json, tracer, revision, peft_files, **setup) -> None:
     """Price several plans of MODEL side by side (default: a set that fits the model)."""
     from costlens.estimate import default_plans
     from costlens.plans import check_unique_names, load_plans_file, parse_plan_spec
@@ -475,7 +478,23 @@ def compare(model, plans_file, plans, html_path, validate_on, as_json, tracer, r
     loaded = _load(model, tracer, revision)
     if not chosen:
         chosen = [(spec, parse_plan_spec(spec)) for spec in default_plans(loaded)]
+    chosen += [_peft_plan(path, loaded, model) for path in peft_files]
+    check_unique_names([plan for _, plan in chosen])
     _run_plans(loaded, chosen, setup_values, as_json, html_path, validate_on, recipe, job)
+
+
+def _peft_plan(path: str, model, source: str):
+    """(spec, Plan) of one --peft adapter config for compare, named after its folder (or file)."""
+    from pathlib import Path
+
+    from costlens.peft_config import peft_plan_with_options
+    from costlens.plans import with_name
+    spec, plan, notes = peft_plan_with_options(path, model, source, {})
+    for note in notes:
+        click.echo(f"costlens: note: {note}", err=True)
+    where = Path(path)
+    label = where.name if where.is_dir() else (where.parent.name or where.stem)
+    return spec, with_name(plan, f"peft-{label}")
 
 
 @main.command()

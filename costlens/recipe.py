@@ -7,7 +7,7 @@ fields, as a Trainer / TRL script reads it. The fields that change cost map onto
 |-----------------------------------------|----------------------------------------------------|
 | per_device_train_batch_size             | batch                                              |
 | max_length / max_seq_length (TRL)       | seq                                                |
-| bf16 / fp16                             | precision bf16-mixed / fp16-mixed (neither: fp32)  |
+| bf16 / fp16                             | precision bf16-autocast / fp16-autocast (fp32 weights, gradients and AdamW state; the forward under torch.autocast, as the Trainer runs it; neither: fp32) |
 | dtype / torch_dtype bfloat16 (TRL)      | precision bf16 (bf16 weights, no fp32 master copy) |
 | gradient_checkpointing                  | checkpointing                                      |
 | optim (see OPTIMIZERS)                  | optimizer, optimizer_impl                          |
@@ -216,7 +216,9 @@ def _precision(given: dict, source: str) -> str:
         if fp16:
             raise PlanError(f"{source}: fp16 autocast over bfloat16 weights is not priced")
         return "bf16"
-    return "bf16-mixed" if bf16 else "fp16-mixed" if fp16 else "fp32"
+    # the Trainer's bf16=True / fp16=True keep the model's fp32 weights and run the forward under
+    # torch.autocast: no half-precision weights, no master copy (issue 10)
+    return "bf16-autocast" if bf16 else "fp16-autocast" if fp16 else "fp32"
 
 
 def _optimizer(name, optim_args, source: str) -> tuple[str, str, str]:

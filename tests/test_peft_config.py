@@ -184,3 +184,21 @@ def test_all_linear_on_a_gated_shared_expert_is_refused_not_undercounted():
     model = costlens.load(Path(__file__).resolve().parent.parent / "fixtures" / "hf" / "qwen2_moe.config.json")
     with pytest.raises(PlanError, match="shared_expert_gate"):
         plan_from_peft({"target_modules": "all-linear", "r": 8}, model, transformers_model=True)
+
+
+def test_compare_prices_peft_configs_beside_the_default_plans(tmp_path):
+    import models as fixture_models
+    for name, r in (("a", 8), ("b", 16)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj", "v_proj"], "r": r}))
+    result = CliRunner().invoke(main, ["compare", "models:llama_like", "--seq", "32", "--json",
+                                       "--peft", str(tmp_path / "a"), "--peft", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    by_name = {p["name"]: p["params"]["trainable"] for p in json.loads(result.stdout)["plans"]}
+    assert "full" in by_name                                  # the default plans stay
+    for name, r in (("a", 8), ("b", 16)):
+        assert by_name[f"peft-{name}"] == peft_count(fixture_models.llama_like(), {"target_modules": ["q_proj", "v_proj"],
+                                                                                   "r": r})
+    same = CliRunner().invoke(main, ["compare", "models:llama_like", "--seq", "32",
+                                     "--peft", str(tmp_path / "a"), "--peft", str(tmp_path / "a" / "adapter_config.json")])
+    assert same.exit_code == 2 and "peft-a" in same.stderr

@@ -48,7 +48,7 @@ def recipe(tmp_path):
 
 def test_yaml_recipe_is_the_same_step_as_the_options(recipe):
     from_recipe = _plan_json("--recipe", str(recipe))
-    by_hand = _plan_json("--batch", "4", "--seq", "128", "--precision", "bf16-mixed", "--checkpointing",
+    by_hand = _plan_json("--batch", "4", "--seq", "128", "--precision", "bf16-autocast", "--checkpointing",
                          "--optimizer", "adamw-8bit", "--optimizer-impl", "for-loop")
     # the same step; the recipe's accumulation is recorded as a derived default (issue 16 item 1)
     derived = from_recipe["setup"].pop("derived")
@@ -82,10 +82,10 @@ def test_json_recipe_and_the_python_api(tmp_path):
     path.write_text(json.dumps({"per_device_train_batch_size": 2, "max_seq_length": 64, "fp16": True,
                                 "optim": "sgd", "optim_args": "momentum=0.9"}))
     recipe = load_recipe(path)
-    assert dict(recipe.setup) == {"batch": 2, "seq": 64, "precision": "fp16-mixed", "checkpointing": False,
+    assert dict(recipe.setup) == {"batch": 2, "seq": 64, "precision": "fp16-autocast", "checkpointing": False,
                                   "optimizer": "sgd-momentum", "optimizer_impl": "for-loop"}
     from costlens.plans import Setup
-    assert recipe.as_setup(Setup(attention="fused")) == Setup(batch=2, seq=64, precision="fp16-mixed", attention="fused",
+    assert recipe.as_setup(Setup(attention="fused")) == Setup(batch=2, seq=64, precision="fp16-autocast", attention="fused",
                                                               optimizer="sgd-momentum", optimizer_impl="for-loop")
 
 
