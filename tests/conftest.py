@@ -27,6 +27,26 @@ def pytest_unconfigure(config):
         cache.cleanup()
 
 
+def canonical(graph):
+    """The graph with tensor names replaced by their order of appearance: two traces of the same
+    model compare equal node for node whatever names their tracers chose."""
+    ids: dict[str, int] = {}
+
+    def cid(x):
+        if not x:
+            return ""
+        if x in graph.constants:
+            c = graph.constants[x]
+            return ("const", x, c.shape, c.dtype, graph.small_values.get(x))
+        ids.setdefault(x, len(ids))
+        return ("tensor", ids[x], graph.shape(x), graph.dtype(x))
+    for x in graph.inputs:
+        cid(x)
+    nodes = [(n.op, tuple(map(cid, n.inputs)), tuple(map(cid, n.outputs)), tuple(sorted(n.attrs.items())), n.scope)
+             for n in graph.nodes]
+    return nodes, tuple(map(cid, graph.outputs)), set(graph.constants)
+
+
 def truth(name: str) -> dict:
     path = FIXTURES / f"{name}.truth.json"
     assert path.is_file(), f"missing truth file {path}: a missing golden fails, never skips"

@@ -21,6 +21,7 @@ from click.testing import CliRunner  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import costlens  # noqa: E402
+from conftest import canonical  # noqa: E402  (tests/conftest.py)
 from costlens.cli import main  # noqa: E402
 from costlens.estimate import estimate  # noqa: E402
 from costlens.frontends.hf_config import build_model, layer_container, shallow_config  # noqa: E402
@@ -141,25 +142,6 @@ def test_flops_match_flop_counter_on_a_real_model(loaded, name):
 
 
 # --------------------------------------------------------------------------- replication
-
-def canonical(graph):
-    """The graph with tensor names replaced by their order of appearance."""
-    ids: dict[str, int] = {}
-
-    def cid(x):
-        if not x:
-            return ""
-        if x in graph.constants:
-            c = graph.constants[x]
-            return ("const", x, c.shape, c.dtype, graph.small_values.get(x))
-        ids.setdefault(x, len(ids))
-        return ("tensor", ids[x], graph.shape(x), graph.dtype(x))
-    for x in graph.inputs:
-        cid(x)
-    nodes = [(n.op, tuple(map(cid, n.inputs)), tuple(map(cid, n.outputs)), tuple(sorted(n.attrs.items())), n.scope)
-             for n in graph.nodes]
-    return nodes, tuple(map(cid, graph.outputs)), set(graph.constants)
-
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_shallow_trace_replicated_equals_full_trace(name):

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch", reason="needs the torch extra (pip install 
 transformers = pytest.importorskip("transformers", reason="needs the torch extra")
 
 import costlens  # noqa: E402
+import torch_plans  # noqa: E402  (tests/: the step as FlopCounterMode counts it)
 from costlens.plans import Setup, parse_plan_spec  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -38,14 +39,7 @@ def _real_step_flops(batch: int, seq: int) -> tuple[int, int]:
     config._attn_implementation, config._experts_implementation = "eager", "eager"
     torch.manual_seed(0)
     module = transformers.AutoModelForCausalLM.from_config(config)
-    ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        logits = module(input_ids=ids, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1))
-        forward = counter.get_total_flops()
-        loss.backward()
-    return forward, counter.get_total_flops()
+    return torch_plans.step_flops(module, batch, seq, CONFIG["vocab_size"])
 
 
 def test_the_router_k_is_the_top_k_over_all_experts(model):

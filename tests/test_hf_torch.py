@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers", reason="needs the torch extra
 import costlens  # noqa: E402
 from costlens.estimate import estimate  # noqa: E402
 from costlens.plans import Setup, parse_plan_spec  # noqa: E402
+import torch_plans  # noqa: E402  (tests/: the step as FlopCounterMode counts it)
 
 pytestmark = pytest.mark.torch
 CORPUS = Path(__file__).resolve().parent.parent / "fixtures" / "hf"
@@ -112,17 +113,6 @@ def apply_default_plan(module, plan_name: str):
     return get_peft_model(module, config)
 
 
-def step_flops(module, vocab: int) -> tuple[int, int]:
-    from torch.utils.flop_counter import FlopCounterMode
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    with FlopCounterMode(display=False) as counter:
-        logits = module(input_ids=ids, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1))
-        forward = counter.get_total_flops()
-        loss.backward()
-    return forward, counter.get_total_flops()
-
-
 def _cases():
     cases = []
     for arch in ARCHS:
@@ -144,7 +134,7 @@ def test_default_plan_matches_the_real_module(onnx_models, arch, spec):
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     vocab = INDEX["archs"][arch]["config_kwargs"].get("vocab_size", 256)
     try:
-        measured_forward, measured_total = step_flops(module, vocab)
+        measured_forward, measured_total = torch_plans.step_flops(module, BATCH, SEQ, vocab)
     except AttributeError as error:
         # PEFT's LoRA Linear expects a tensor from the wrapped layer; PhiMoE's router is an
         # nn.Linear subclass returning a tuple, so PEFT cannot run LoRA on it at all

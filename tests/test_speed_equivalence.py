@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import canonical
 from costlens.estimate import estimate
 from costlens.frontends.onnx import load_onnx
 from costlens.gradients import analyze
@@ -30,25 +31,6 @@ ONNX_FIXTURES = sorted(p.name for p in FIXTURES.glob("*.onnx"))
 
 
 # --------------------------------------------------------------------------- replication of a prefixed stack
-
-def canonical(graph):
-    """The graph with tensor names replaced by their order of appearance (as test_frontend_hf)."""
-    ids: dict[str, int] = {}
-
-    def cid(x):
-        if not x:
-            return ""
-        if x in graph.constants:
-            c = graph.constants[x]
-            return ("const", x, c.shape, c.dtype, graph.small_values.get(x))
-        ids.setdefault(x, len(ids))
-        return ("tensor", ids[x], graph.shape(x), graph.dtype(x))
-    for x in graph.inputs:
-        cid(x)
-    nodes = [(n.op, tuple(map(cid, n.inputs)), tuple(map(cid, n.outputs)), tuple(sorted(n.attrs.items())), n.scope)
-             for n in graph.nodes]
-    return nodes, tuple(map(cid, graph.outputs)), set(graph.constants)
-
 
 def test_dense_prefix_then_moe_stack_replicated_equals_full_trace():
     pytest.importorskip("torch", reason="needs the torch extra")

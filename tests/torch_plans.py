@@ -44,11 +44,15 @@ def detach_attention_outputs(module: torch.nn.Module) -> None:
 
 
 def step_flops(module: torch.nn.Module, batch: int, seq: int, vocab: int) -> tuple[int, int]:
-    """(forward FLOPs, forward+backward FLOPs) of one step: forward, cross-entropy, backward."""
+    """(forward FLOPs, forward+backward FLOPs) of one step: forward, cross-entropy, backward.
+    A transformers model (or its PEFT wrapper) runs without a KV cache and its output's
+    ``.logits`` are taken, upcast as HF's loss does."""
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    hf = type(getattr(module, "config", None)).__module__.startswith("transformers.")
     with FlopCounterMode(display=False) as counter:
-        logits = module(ids)
-        loss = F.cross_entropy(logits.reshape(-1, vocab), ids.reshape(-1))
+        output = module(input_ids=ids, use_cache=False) if hf else module(ids)
+        logits = getattr(output, "logits", output)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1))
         forward = counter.get_total_flops()
         loss.backward()
     return forward, counter.get_total_flops()

@@ -10,14 +10,10 @@ from tabulate import tabulate
 from costlens.render import units
 
 
-def is_parallel(setup) -> bool:
-    return setup.is_parallel
-
-
 def parallel_entry(result) -> dict | None:
     """Per-rank bytes and per-step communication of the plan, or None on one device."""
     setup = result.setup
-    if not is_parallel(setup):
+    if not setup.is_parallel:
         return None
     from costlens.parallel import estimate_parallel
     p = estimate_parallel(result, setup.gpus, setup.shard, setup.tp, setup.ep, setup.offload, setup.bandwidth)
