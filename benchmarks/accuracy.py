@@ -101,7 +101,9 @@ REAL_PLANS = ["full", "lora-attn-r8:lora=attn;rank=8", "lora-attn-ffn-r8:lora=at
 MOE_PLANS = ["full", "lora-attn-r8:lora=attn;rank=8", "lora-attn-router-experts:lora=attn,router,experts;rank=8",
              "train-experts:train=experts"]
 RECIPES = {"fp32-eager": {}, "fp32-sdpa": {"attention": "sdpa"}, "bf16-autocast": {"precision": "bf16-autocast"},
-           "bf16": {"precision": "bf16"}, "checkpointing": {"checkpointing": True}}
+           "bf16": {"precision": "bf16"}, "checkpointing": {"checkpointing": True},
+           # half weights stepped through fp32 masters; pure bf16 with the model's own (fp32-upcast) loss
+           "bf16-mixed": {"precision": "bf16-mixed"}, "bf16-hf-loss": {"precision": "bf16", "loss": "hf"}}
 REAL_SIZES = [(2, 32), (4, 64)]
 # the error of each category: (label, comparison quantity)
 CATEGORIES = [("weights", "weights bytes"), ("gradients", "gradient bytes"), ("optimizer", "optimizer bytes"),
@@ -121,13 +123,15 @@ def _is_moe(arch: str) -> bool:
     return any(config.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
-def run_real(device: str, archs, recipes, quick: bool, results: Path = RESULTS, sizes=None) -> list[dict]:
+def run_real(device: str, archs, recipes, quick: bool, results: Path = RESULTS, sizes=None,
+             plans_given=None) -> list[dict]:
+    """plans_given: plan specs (NAME:SPEC) run on every architecture instead of the default ones."""
     from costlens.measure.validate import validate_config
     rows = []
     sizes = sizes or (REAL_SIZES[:1] if quick else REAL_SIZES)
     for arch in archs:
-        plans = MOE_PLANS if _is_moe(arch) else REAL_PLANS
-        for spec in plans[:2] if quick else plans:
+        plans = plans_given or (MOE_PLANS if _is_moe(arch) else REAL_PLANS)
+        for spec in plans[:2] if quick and not plans_given else plans:
             for recipe in recipes:
                 for batch, seq in sizes:
                     row = {"arch": arch, "plan": spec.split(":")[0], "recipe": recipe, "batch": batch, "seq": seq}
@@ -276,6 +280,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="real modules: two plans, one size")
     parser.add_argument("--results", default=str(RESULTS), help="where the real-module rows go (JSON)")
     parser.add_argument("--sizes", help="real modules: batch x seq points, e.g. 4x64,2x32 [default: 2x32,4x64]")
+    parser.add_argument("--plan", action="append", default=[],
+                        help="real modules: NAME:SPEC run on every architecture instead of the default plans "
+                             "(repeatable), e.g. dora-r8:lora=attn,ffn;rank=8;dora=true")
     args = parser.parse_args()
     start = time.time()
     archs = args.arch.split(",") if args.arch else corpus_archs()
@@ -285,7 +292,8 @@ def main() -> int:
         print(f"accuracy: unknown recipe or architecture: {', '.join(unknown)}", file=sys.stderr)
         return 2
     sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")] if args.sizes else None
-    real = run_real(args.device, archs, recipes, args.quick, Path(args.results), sizes) if args.section in ("all", "real") else []
+    real = run_real(args.device, archs, recipes, args.quick, Path(args.results), sizes, args.plan or None) \
+        if args.section in ("all", "real") else []
     rows = run(args.device) + run_routed(args.device) if args.section in ("all", "executor") else []
     text = [f"# Accuracy: estimate vs measured training steps ({args.device}, {time.time() - start:.0f} s)", ""]
     if real:

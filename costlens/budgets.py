@@ -61,6 +61,8 @@ class Bound:
 
 @dataclass(frozen=True)
 class PlanBudget:
+    """One ``[[plan]]`` table: the plan it names and its limits (its own, else the ``[defaults]`` ones)."""
+
     name: str
     spec: str             # the plan spec as written (name prefix included, if any)
     bounds: tuple[Bound, ...]
@@ -68,6 +70,9 @@ class PlanBudget:
 
 @dataclass(frozen=True)
 class Budget:
+    """A parsed budget file: the step ``[setup]``, the plans with their limits, and the job and prices
+    that ``max_cost`` needs. Prices are per GPU-hour, in the file's own currency."""
+
     source: str
     setup: Mapping[str, object]     # Setup fields the file sets, validated
     plans: tuple[PlanBudget, ...]
@@ -165,6 +170,7 @@ def load_budget(path: str | Path) -> Budget:
 
 
 def parse_budget(text: str, source: str = "costlens.toml") -> Budget:
+    """A budget from the TOML ``text``; ``source`` names the file in every BudgetError (with line and key)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from costlens.cli_errors import TOLERANCE, friendly_errors
 from costlens.errors import CostlensError
-from costlens.plans import ATTENTION_IMPLS, PRECISIONS
+from costlens.plans import ATTENTION_IMPLS, EXPERTS_IMPLS, LOSSES, PRECISIONS
 
 TRACER = click.option(
     "--tracer", type=click.Choice(["export", "fvcore"]), default="export", show_default=True,
@@ -23,12 +24,14 @@ REVISION = click.option("--revision", default=None,
                         help="Branch, tag or commit of a Hugging Face Hub id MODEL (org/name) [default: main].")
 
 
-def _load(model: str, tracer: str = "export", revision: str | None = None):
-    """costlens.load, with a note on stderr while it traces (a terminal only)."""
+def _load(model: str, tracer: str = "export", revision: str | None = None, precision: str = "fp32"):
+    """costlens.load, with a note on stderr while it traces (a terminal only); a config is
+    traced in the dtype ``precision`` runs the model in (plans.running_dtype)."""
     from costlens.api import load
     from costlens.cli_help import status
+    from costlens.plans import running_dtype
     status(f"loading {model}")
-    return load(model, tracer=tracer, revision=revision)
+    return load(model, tracer=tracer, revision=revision, dtype=running_dtype(precision))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,8 +59,9 @@ def inspect(model: str, as_json: bool, tracer: str, revision: str | None) -> Non
         click.echo(inspect_text(document))
 
 
-SETUP_KEYS = ("batch", "seq", "optimizer", "optimizer_impl", "precision", "attention", "checkpointing", "gpu", "mfu",
-              "moe_dispatch", "base_quant")
+SETUP_KEYS = ("batch", "seq", "optimizer", "optimizer_impl", "precision", "attention", "loss", "checkpointing", "gpu",
+              "mfu",
+              "moe_dispatch", "experts_impl", "base_quant")
 
 
 PARALLEL_OPTIONS = [
@@ -98,13 +102,25 @@ def setup_options(command):
                      help="How the optimizer steps [default: foreach with --gpu (torch's CUDA default), else for-loop]."),
         click.option("--precision", default="fp32", show_default=True,
                      type=click.Choice(list(PRECISIONS))),
-        click.option("--attention", default="eager", show_default=True, type=click.Choice(list(ATTENTION_IMPLS)),
-                     help="eager keeps the batch x heads x seq x seq scores; fused (flash / memory-efficient SDPA) does not."),
+        click.option("--attention", default=None, type=click.Choice(list(ATTENTION_IMPLS)),
+                     help="eager keeps the batch x heads x seq x seq scores; fused (flash / memory-efficient SDPA) does not "
+                          "[default: what the source runs: a config's attn_implementation, else sdpa when its "
+                          "transformers class supports it, else eager; eager for an .onnx file]."),
+        click.option("--loss", type=click.Choice(list(LOSSES)), default=None,
+                     help="ce: cross-entropy of the logits in their dtype; hf: as a transformers model computes it "
+                          "from labels (logits upcast to fp32 first: fp32 scores in a half model) [default: hf for a "
+                          "Hugging Face config, folder or hub id, else ce]."),
         click.option("--checkpointing", is_flag=True, help="Recompute each layer in backward (activation checkpointing)."),
         click.option("--gpu", default=None, help="Accelerator for a time-per-step figure, e.g. h100, a100-40gb, l4."),
         click.option("--mfu", type=float, default=0.4, show_default=True, help="Model FLOPs utilization for --gpu."),
         click.option("--moe-dispatch", type=click.Choice(["routed", "dense"]), default="routed", show_default=True,
                      help="routed: each expert runs on the tokens routed to it (k of E); dense: every token."),
+        click.option("--experts-impl", type=click.Choice(list(EXPERTS_IMPLS)), default=None,
+                     help="How routed experts stored as 3-D tensors run (transformers' experts_implementation): "
+                          "grouped_mm or eager (a loop over the experts, combined by index_add); experts stored one "
+                          "linear per expert always loop [default: what the source runs: a config's "
+                          "experts_implementation, else grouped_mm (transformers 5's) for a Hugging Face source; "
+                          "eager for an .onnx file or import spec]."),
         *PARALLEL_OPTIONS,
         click.option("--json", "as_json", is_flag=True, help="Print the costlens.plan/1 JSON document."),
         click.option("--recipe", type=click.Path(dir_okay=False),
@@ -176,6 +192,9 @@ def _setup(options: dict, recipe=None):
         values["optimizer_impl"] = "foreach" if values["gpu"] else "for-loop"
         if values["gpu"]:
             derived["optimizer_impl"] = f"foreach, from --gpu {values['gpu']} (torch's default on CUDA)"
+    derived.update(_source_defaults(values, given | set(recipe.from_file if recipe is not None else ())))
+    if values.get("experts_impl") is None:
+        values["experts_impl"] = _experts_default(click.get_current_context().params.get("model"))
     parallel = _parallel_values(options)
     if parallel and options["gpus"] is None and parallel["gpus"] > 1:
         derived["gpus"] = f"{parallel['gpus']}, from --tp {parallel['tp']} x --ep {parallel['ep']}"
@@ -184,6 +203,101 @@ def _setup(options: dict, recipe=None):
     values.update(parallel)
     click.get_current_context().meta["costlens.derived"] = derived
     return Setup(**values)
+
+
+def _experts_default(source) -> str:
+    """The experts implementation the source runs (plans.EXPERTS_IMPLS): a Hugging Face source
+    builds transformers 5's module, which runs its config's ``experts_implementation`` or
+    grouped_mm. An ONNX graph written in dense form does not say how the module it came from ran
+    its experts (a graph that gathers expert weights is priced as written, whatever this says):
+    the implementation the HF corpus index records for the file's export, else the per-expert
+    loop, what a hand-written module (and costlens's executor) runs; an import spec: the loop."""
+    from costlens.frontends.source import SourceKind, classify
+    try:
+        found = classify(source)
+    except CostlensError:
+        return "eager"          # the source's own error is reported when it is loaded
+    if found.kind is SourceKind.ONNX:
+        return _corpus_experts_impl(found.path) or "eager"
+    if found.kind is SourceKind.HF_CONFIG:
+        from costlens.frontends.hf_config import read_config_data
+        try:
+            data = read_config_data(found.path)[0]
+        except CostlensError:
+            return "grouped_mm"
+        named = data.get("experts_implementation") or data.get("_experts_implementation")
+        return named if named in EXPERTS_IMPLS else "grouped_mm"
+    return "grouped_mm" if found.kind in (SourceKind.HUB_ID, SourceKind.CONFIG_OBJECT) else "eager"
+
+
+def _corpus_experts_impl(onnx_path) -> str | None:
+    """The experts_implementation the HF corpus index (index.json beside the file, schema
+    costlens.hf_corpus/1) records for this file's export, or None."""
+    try:
+        data = json.loads((Path(onnx_path).parent / "index.json").read_text(encoding="utf-8"))
+        entries = [e for arch in data["archs"].values() for e in (arch.get("exporters") or {}).values()]
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
+    if data.get("schema") != "costlens.hf_corpus/1":
+        return None
+    found = [e.get("experts_implementation") for e in entries
+             if isinstance(e, dict) and e.get("file") == Path(onnx_path).name]
+    return found[0] if found and found[0] in EXPERTS_IMPLS else None
+
+
+def _source_defaults(values: dict, explicit: set[str]) -> dict[str, str]:
+    """Defaults the command's MODEL decides, set into ``values`` (issue 16 items 0 and 3): the attention
+    the source runs (frontends/attention_default.py), the loss (a transformers model's own from
+    labels for HF sources), and a static ONNX export's batch and seq, which a
+    different --batch / --seq is refused against (frontends/static_shapes.py). Read before tracing."""
+    params = click.get_current_context().params
+    source = params.get("model")
+    if not isinstance(source, str):
+        values["loss"] = values.get("loss") or "ce"
+        return {}
+    from costlens.frontends.source import SourceKind, classify
+    try:
+        kind = classify(source).kind
+    except CostlensError:        # the source's own error is reported when it is loaded
+        values["attention"] = values.get("attention") or "eager"
+        values["loss"] = values.get("loss") or "ce"
+        return {}
+    onnx_file = kind is SourceKind.ONNX
+    derived = {}
+    if values.get("attention") is None and onnx_file:
+        values["attention"] = "eager"           # what the graph computes (fused ops are priced as fused)
+    elif values.get("attention") is None:
+        from costlens.frontends.attention_default import default_attention
+        chosen = default_attention(source, params.get("revision"))
+        values["attention"] = chosen.value
+        if chosen.from_config:       # a module runs the attention it shows: no news
+            derived["attention"] = f"{chosen.value}, {chosen.why}"
+    if values.get("loss") is None:   # a transformers model given labels computes its own, fp32 loss
+        values["loss"] = "hf" if kind in (SourceKind.HF_CONFIG, SourceKind.HUB_ID) else "ce"
+        if values["loss"] == "hf":
+            derived["loss"] = "hf, as a transformers model computes it from labels (logits upcast to fp32)"
+    if onnx_file:
+        derived.update(_static_defaults(values, explicit, source, params.get("search")))
+    return derived
+
+
+def _static_defaults(values: dict, explicit: set[str], source: str, searched: str | None) -> dict[str, str]:
+    """A static ONNX export's batch / seq into ``values`` when not chosen; a chosen other value, or
+    fit searching a dim (``searched``), refused unless the graph re-binds (issue 16 item 0)."""
+    from costlens.frontends.static_shapes import REEXPORT_HINT, bind_static, rebindability
+    try:
+        static, not_rebindable = rebindability(source)
+    except CostlensError:     # an unreadable file: loading reports it, after the command's usage errors
+        return {}
+    if static is None:
+        return {}
+    if not_rebindable is not None and getattr(static, str(searched), None) is not None:
+        raise CostlensError(f"fit --search {searched} varies {searched}, but {source} was exported with static "
+                            f"shapes ({static.describe()}) and cannot be re-bound ({not_rebindable}); {REEXPORT_HINT}")
+    batch, seq, fixed = bind_static(static, values["batch"] if "batch" in explicit else None, values.get("seq"),
+                                    source, not_rebindable)
+    values["batch"], values["seq"] = batch or values["batch"], seq
+    return fixed
 
 
 def derived_defaults() -> dict[str, str]:
@@ -238,8 +352,8 @@ def _validation_failed(document: dict) -> bool:
                for entry in document["plans"] for figure in entry.get("validation", {}).values())
 
 
-PLAN_OPTION_KEYS = ("train", "freeze", "lora", "rank", "alpha", "lora_dropout", "stop_grad", "dropout", "stack_ffn",
-                    "stack_ffn_width")
+PLAN_OPTION_KEYS = ("train", "freeze", "lora", "rank", "alpha", "lora_dropout", "dora", "stop_grad", "dropout",
+                    "stack_ffn", "stack_ffn_width")
 
 
 def plan_options(command):
@@ -253,6 +367,9 @@ def plan_options(command):
         click.option("--rank", help="LoRA rank: 8, or per target: attn=8,router=4,experts=4."),
         click.option("--alpha", help="LoRA alpha (does not change costs)."),
         click.option("--lora-dropout", help="LoRA dropout probability (keeps a dropped copy of each adapted input)."),
+        click.option("--dora", is_flag=True, default=None,
+                     help="DoRA (PEFT use_dora): a trained magnitude per output of each adapted linear; keeps the "
+                          "base and adapter outputs for its gradient."),
         click.option("--stop-grad", help="Detach outputs: attn (nothing below an attention output gets its gradient)."),
         click.option("--dropout", help="Training-time dropout after embeddings, attention probabilities, attention "
                                        "and FFN outputs (GPT-2/BERT use 0.1); the exported graph no longer shows it."),
@@ -328,7 +445,7 @@ def plan(model, as_json, tracer, revision, **options) -> None:
     setup = _setup(options, recipe)
     if not options.get("peft"):
         chosen = _plan(options)                 # a bad plan fails before the model is traced
-    loaded = _load(model, tracer, revision)
+    loaded = _load(model, tracer, revision, setup.precision)
     if options.get("peft"):
         chosen = _plan(options, loaded, model)
     _run_plans(loaded, [chosen], setup, as_json, recipe=recipe, job=job)
@@ -344,9 +461,6 @@ def plan(model, as_json, tracer, revision, **options) -> None:
               help="Largest relative error of a memory figure (FLOPs: 1%; trainable parameters: exact).")
 @click.option("--inference", is_flag=True,
               help="Also measure onnxruntime's inference memory in a fresh process (shown, not judged).")
-@click.option("--loss", type=click.Choice(["ce", "hf", "chunked"]), default="ce", show_default=True,
-              help="ce: cross-entropy of the logits against the ids; hf: the model's own loss (labels=input_ids: "
-                   "fp32 upcast, shift, cross-entropy); chunked is priced by plan, not measured yet.")
 @click.option("--tiny", is_flag=True,
               help="Validate a small model of the same architecture (2 layers, hidden 64, vocab 256, at most 8 "
                    "experts; heads keep their GQA ratio); estimate and measurement are of that model.")
@@ -362,7 +476,7 @@ def plan(model, as_json, tracer, revision, **options) -> None:
 @click.option("--executor", is_flag=True,
               help="For an .onnx MODEL: measure the costlens executor of the graph, not the real module.")
 @friendly_errors
-def validate(model, device, tolerance, inference, as_json, loss, tiny, layers, hidden, heads, vocab, intermediate,
+def validate(model, device, tolerance, inference, as_json, tiny, layers, hidden, heads, vocab, intermediate,
              experts, source_config, executor, **options) -> None:
     """Measure a real training step of the plan and compare it with the estimate (exit 1 when
     a figure is outside tolerance). MODEL is a Hugging Face config.json, model folder or hub id
@@ -370,7 +484,6 @@ def validate(model, device, tolerance, inference, as_json, loss, tiny, layers, h
     source config when known, else its graph as a torch module), or an import spec
     package.module:factory (the module itself runs). The report says which truth was used.
     Needs the torch extra."""
-    import dataclasses
     import importlib.util
     if importlib.util.find_spec("torch") is None:
         raise CostlensError("validate runs a real training step: it needs the torch extra (pip install 'costlens[torch]')")
@@ -385,7 +498,7 @@ def validate(model, device, tolerance, inference, as_json, loss, tiny, layers, h
         spec, chosen = _plan(options)
     if options["optimizer_impl"] is None and device == "cuda":
         options["optimizer_impl"] = "foreach"           # torch's default on CUDA
-    setup = dataclasses.replace(_setup(options, _recipe(options)), loss=loss)
+    setup = _setup(options, _recipe(options))
     if device == "cuda" and not _cuda_available():
         raise CostlensError("--device cuda: no CUDA device is available here (torch sees none); "
                             "validate on the CPU with --device cpu")
@@ -407,9 +520,11 @@ def validate(model, device, tolerance, inference, as_json, loss, tiny, layers, h
         from costlens.measure.distributed import validate_distributed
         if device != "cpu":
             raise CostlensError("validate --gpus runs gloo ranks on the CPU (--device cpu)")
-        result, _, _ = validate_distributed(model, chosen, setup, setup.gpus, setup.shard, setup.tp,
+        # a config (or the corpus config of an .onnx file) runs the real transformers module in each rank
+        result, _, _ = validate_distributed(config if is_onnx and config is not None else model, chosen, setup,
+                                            setup.gpus, setup.shard, setup.tp,
                                             tolerance=tolerance if _given_on_command_line(("tolerance",)) else 0.03,
-                                            progress=progress)
+                                            progress=progress, dims=dims)
     elif is_onnx and config is not None:
         if inference:
             raise CostlensError("--inference measures onnxruntime on the graph: give it with --executor")
@@ -475,7 +590,7 @@ def compare(model, plans_file, plans, html_path, validate_on, as_json, tracer, r
     chosen = load_plans_file(plans_file) if plans_file else []
     chosen += [(spec, parse_plan_spec(spec)) for spec in plans]
     check_unique_names([plan for _, plan in chosen])      # before the model is traced
-    loaded = _load(model, tracer, revision)
+    loaded = _load(model, tracer, revision, setup_values.precision)
     if not chosen:
         chosen = [(spec, parse_plan_spec(spec)) for spec in default_plans(loaded)]
     chosen += [_peft_plan(path, loaded, model) for path in peft_files]

@@ -133,13 +133,13 @@ def check(model: str, budget: str, output_format: str, output: str | None, html_
     import costlens
     from costlens.budgets import derived_of, job_of, judge, load_budget, setup_of
     from costlens.estimate import estimate
-    from costlens.plans import parse_plan_spec, with_name
+    from costlens.plans import parse_plan_spec, running_dtype, with_name
     from costlens.render import check as render
     from costlens.render.plan import plan_document
 
     parsed = load_budget(budget)
-    loaded = costlens.load(model)
     setup = setup_of(parsed)
+    loaded = costlens.load(model, dtype=running_dtype(setup.precision))   # a config traced as it runs
     results = []
     for plan_budget in parsed.plans:
         plan = with_name(parse_plan_spec(plan_budget.spec), plan_budget.name)

@@ -28,11 +28,14 @@ def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
 
 
 def fail(message: str) -> None:
+    """Print ``message`` as one ``costlens: error:`` line on stderr and exit with EXIT_BAD_INPUT (2)."""
     click.echo(f"costlens: error: {one_line(message)}", err=True)
     sys.exit(EXIT_BAD_INPUT)
 
 
 def friendly_errors(command):
+    """Decorate a click command so that any error it raises ends as one line and exit code 2, not a
+    traceback (``--debug`` on the root command re-raises it instead)."""
     @wraps(command)
     def wrapper(*args, **kwargs):
         debug = click.get_current_context().find_root().params.get("debug", False)

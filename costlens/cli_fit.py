@@ -100,7 +100,9 @@ def register(main: click.Group, cli) -> None:
         peft = options.get("peft")
         if not peft:
             chosen = cli._plan(options)
-        loaded = cli._load(model, tracer, revision)
+        # a config is traced as the fixed precision runs it; when the precision is searched, in
+        # bf16: fp32-weight candidates price a half trace exactly as an fp32 one (its casts are views)
+        loaded = cli._load(model, tracer, revision, setup.precision if "precision" in given else "bf16")
         if peft:
             chosen = cli._plan(options, loaded, model)
         ticker = Ticker(f"fit ({search})")

@@ -35,6 +35,7 @@ def add_examples(group: click.Group) -> None:
 
 
 def interactive() -> bool:
+    """Whether stderr is a terminal: progress lines go there only, to keep pipes and CI logs clean."""
     return sys.stderr.isatty()
 
 

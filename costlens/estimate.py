@@ -23,32 +23,40 @@ DEFAULT_SEQ = 2048
 
 @dataclass(frozen=True)
 class ParamCounts:
-    total: int
-    trainable: int
+    """Parameter counts (elements, not bytes) of the model under a plan; adapters (LoRA, DoRA, ...) are
+    new parameters, so ``total = trainable + frozen`` and ``adapter`` is part of ``trainable``."""
+
+    total: int                              # the base model's parameters plus the adapters'
+    trainable: int                          # base weights that train plus all adapter parameters
     adapter: int
-    frozen: int
-    trainable_by_role: Mapping[str, int]
-    active_per_token: int
+    frozen: int                             # base weights that do not train
+    trainable_by_role: Mapping[str, int]    # Role value -> parameters of its base weights that train (no adapters)
+    active_per_token: int                   # base parameters less the experts a token is not routed to (E - top_k)
 
 
 @dataclass(frozen=True)
 class Estimate:
+    """One training step of ``plan`` under ``setup``: parameter counts, memory (bytes by category),
+    FLOPs (2 x MACs) and, with a GPU, the roofline time (seconds); ``assumptions`` say what was assumed."""
+
     plan: Plan
     setup: Setup
-    batch: int
-    seq: int
+    batch: int                                  # sequences per step
+    seq: int                                    # tokens per sequence (resolved: setup.seq or the default)
     params: ParamCounts
     memory: MemoryBytes
     flops: FlopCounts
     time: StepTime | None = None
     assumptions: tuple[str, ...] = ()
-    unsupported_ops: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    unsupported_ops: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))   # op -> nodes not priced
     trainable_keys: tuple[str, ...] = ()        # parameter uses whose base weights train
     adapters: tuple[Adapter, ...] = ()
     model: Model | None = None                  # the model priced (with stacked sublayers, if any)
 
 
 def resolve_seq(model: Model, setup: Setup) -> tuple[int, list[str]]:
+    """The step's sequence length in tokens and the notes that explain a default: ``setup.seq``, else
+    DEFAULT_SEQ capped at a learned position table's length (a longer seq would index past it)."""
     notes = []
     positions = [u for u in model.roles.params if u.kind == "position"]
     limit = positions[0].shape[0] if positions else None
@@ -67,7 +75,8 @@ def estimate(model: Model, plan: Plan, setup: Setup | None = None) -> Estimate:
     setup = check_setup(setup or Setup())
     model = with_stacked_ffn(model, plan)
     seq, assumptions = resolve_seq(model, setup)
-    analysis = analyze(model, plan, {"batch": setup.batch, "seq": seq}, routed=setup.moe_dispatch == "routed")
+    analysis = analyze(model, plan, {"batch": setup.batch, "seq": seq}, routed=setup.moe_dispatch == "routed",
+                       input_grads=setup.checkpointing)
     flops = count_flops(analysis, setup.checkpointing, setup.attention)
     memory = estimate_memory(analysis, plan, setup)
     if setup.base_quant:       # QLoRA: frozen linears stored quantized (costlens/quant.py, issue 16)

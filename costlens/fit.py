@@ -56,6 +56,8 @@ class Probe:
 
 @dataclass(frozen=True)
 class FitResult:
+    """The answer of one ``fit`` search (batch, seq or plan) and the probes that led to it; memory in bytes."""
+
     search: str
     memory_bytes: int          # the limit as given (a GPU's board memory, or --memory)
     headroom: float            # fraction of memory_bytes kept free

@@ -20,6 +20,11 @@ from costlens.shapes import eval_shape, numel
 
 @dataclass(frozen=True)
 class FlopCounts:
+    """FLOPs of one training step (2 x multiply-accumulates, matrix products only, as
+    torch.utils.flop_counter counts them): forward, backward split into gradients w.r.t.
+    activations (``backward_input``) and w.r.t. weights and adapters (``backward_weight``),
+    checkpointing's replayed forward (``recompute``)."""
+
     forward: int
     backward_input: int
     backward_weight: int
@@ -100,32 +105,34 @@ def _backward_split(analysis: StepAnalysis, ctx, index: int, needed: Needed, flo
 
 
 def adapter_tokens(analysis: StepAnalysis, index: int, share: dict[int, float]) -> int:
+    """Rows (tokens) a LoRA'd linear at node ``index`` multiplies: its output's leading elements,
+    at the routed share of tokens for an expert's linear."""
     out_shape = eval_shape(analysis.model.graph.shape(analysis.model.graph.nodes[index].outputs[0]), analysis.bindings)
     return round(numel(out_shape) // out_shape[-1] * share.get(index, 1.0)) if out_shape else 0
 
 
-def recomputed_nodes(analysis: StepAnalysis) -> set[int]:
-    """Nodes whose forward HF's non-reentrant checkpointing runs again in backward. It replays
-    each layer's forward only until every tensor that layer's backward unpacks exists again
-    (torch.utils.checkpoint stops early), so the ops after the last saved tensor's producer
-    (a layer's down projection and residual add) are not recomputed."""
+def recomputed_nodes(analysis: StepAnalysis) -> dict[int, bool]:
+    """Nodes whose forward HF's non-reentrant checkpointing runs again in backward, each with
+    whether its LoRA B product runs too. The recompute replays each layer's forward in order
+    and stops (torch.utils.checkpoint's early stop) inside the pack hook of the last tensor the
+    layer's forward saved: ops pack their inputs before their kernel runs, so the last node
+    that saves anything does not run again, nor does anything after it (a layer's down
+    projection and residual add). A LoRA'd linear saves last in its B product (x·A), after its
+    base product and A ran: where it is the last saver, those two run and B does not."""
     from costlens.ops.saved import saved_by
     from costlens.storages import Precision, StorageContext
     ctx = StorageContext(analysis, Precision.of("fp32"))
     graph, layers = analysis.model.graph, analysis.model.roles.node_layers
-    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
-    last: dict[int, int] = {}
+    last: dict[int, int] = {}                  # layer -> its last node that saves a tensor
     for index, node in enumerate(graph.nodes):
         layer = layers[index]
         if layer is None or not analysis.runs_backward[index]:
             continue
-        made = [producer.get(ctx.storage(x)) for x in saved_by(node, ctx) if isinstance(x, str) and x]
-        if index in analysis.adapter_at:
-            made.append(index)                 # the adapter's x·A is made by this node's LoRA branch
-        for origin in made:
-            if origin is not None and layers[origin] == layer:
-                last[layer] = max(last.get(layer, -1), origin)
-    return {i for i, layer in enumerate(layers) if layer is not None and i <= last.get(layer, -1)}
+        if index in analysis.adapter_at or any(x for x in saved_by(node, ctx)):
+            last[layer] = index
+    found = {i: True for i, layer in enumerate(layers) if layer is not None and i < last.get(layer, -1)}
+    found.update({i: False for i in last.values() if i in analysis.adapter_at})
+    return found
 
 
 def kernel_score_recompute(analysis: StepAnalysis) -> int:
@@ -168,26 +175,45 @@ def count_flops(analysis: StepAnalysis, checkpointing: bool = False, attention: 
                 backward_input += _backward_split(analysis, ctx, index, _needed(analysis, index, True), flops,
                                                   gathered)[0]
             continue
+        dora_forward = dora_input_grads = 0
         if adapter is not None:
             tokens = adapter_tokens(analysis, index, share)
             lora = costs.lora_flops(tokens, adapter.rank, adapter.d_in, adapter.d_out)
-        forward += flops + lora
+            if adapter.dora:
+                dora_forward, dora_input_grads = _dora_flops(adapter, tokens)
+        forward += flops + lora + dora_forward
         if not analysis.runs_backward[index]:
             continue
-        if index in recomputed:
-            recompute += flops + lora
+        if index in recomputed:     # where the recompute stops inside a LoRA'd linear: base and A
+            # DoRA keeps its own outputs (B's among them): the replay runs the whole adapter
+            recompute += flops + (lora + dora_forward if adapter is None or recomputed[index] or adapter.dora
+                                  else costs.matmul_flops(tokens, adapter.d_in, adapter.rank))
         if flops:
             grads_input, grads_weight = _backward_split(analysis, ctx, index, _needed(analysis, index), flops, gathered)
             backward_input, backward_weight = backward_input + grads_input, backward_weight + grads_weight
         if adapter is not None:
             backward_weight += lora                                               # dA and dB
+            if adapter.dora_weight_grad:
+                backward_weight += costs.matmul_flops(tokens, adapter.d_in, adapter.d_out)
             backward_input += costs.matmul_flops(tokens, adapter.d_out, adapter.rank)  # d(xA)
             if analysis.needs(node.inputs[0]):
                 backward_input += costs.matmul_flops(tokens, adapter.rank, adapter.d_in)  # dX through A
+                backward_input += dora_input_grads
     from costlens.storages import fused_kernel
     if fused_kernel(attention):
         backward_input += kernel_score_recompute(analysis)
     return FlopCounts(forward, backward_input, backward_weight, recompute, tuple(unpriced))
+
+
+def _dora_flops(adapter, tokens: int) -> tuple[int, int]:
+    """(forward, input-gradient) FLOPs DoRA adds to a LoRA'd linear, as PEFT runs it: B·A made
+    through an identity matrix every forward (detached: no backward); with LoRA dropout, the
+    base product runs again on the dropped input, and its dX flows back through the frozen W."""
+    forward = costs.dora_weight_flops(adapter.rank, adapter.d_in, adapter.d_out)
+    if adapter.dropout <= 0:
+        return forward, 0
+    again = costs.matmul_flops(tokens, adapter.d_in, adapter.d_out)
+    return forward + again, again
 
 
 def _expert_tensor_adapters(analysis: StepAnalysis, ctx, index: int, adapters, flops: int) -> tuple[int, int]:

@@ -35,10 +35,29 @@ class Adapter:
     d_in: int
     d_out: int
     n_experts: int = 0
+    dora: bool = False       # DoRA: a trained magnitude per output (linear adapters only)
+    dropout: float = 0.0     # PEFT lora_dropout on the adapter's input
+    fan_in_fan_out: bool = False   # the base weight is stored [in, out] (GPT-2's Conv1D)
+
+    @property
+    def dora_weight_grad(self) -> bool:
+        """PEFT's DoRA with dropout runs F.linear(x', transpose(W)) again, and for a Conv1D weight
+        ``transpose`` wraps W.T in a fresh nn.Parameter, which requires a gradient: autograd makes
+        a throwaway [in, out] weight gradient there, held until the graph is freed."""
+        return self.dora and self.dropout > 0 and self.fan_in_fan_out
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The trained tensors the adapter adds: A [r, in], B [out, r] (per expert for a 3-D
+        tensor) and DoRA's magnitude [out]."""
+        experts = (self.n_experts,) if self.n_experts else ()
+        return (experts + (self.rank, self.d_in), experts + (self.d_out, self.rank)) + \
+            (((self.d_out,),) if self.dora else ())
 
     @property
     def n_params(self) -> int:
-        return max(self.n_experts, 1) * self.rank * (self.d_in + self.d_out)
+        """Trained elements of the adapter (A, B and DoRA's magnitude)."""
+        return max(self.n_experts, 1) * self.rank * (self.d_in + self.d_out) + (self.d_out if self.dora else 0)
 
 
 @dataclass(frozen=True)
@@ -76,7 +95,10 @@ class StepAnalysis:
         return bool(tensor) and self.needs_grad.get(tensor, False) and tensor not in self.cuts
 
 
-def analyze(model: Model, plan: Plan, bindings: dict, routed: bool = True) -> StepAnalysis:
+def analyze(model: Model, plan: Plan, bindings: dict, routed: bool = True, input_grads: bool = False) -> StepAnalysis:
+    """``input_grads``: the token embedding's output is made to require a gradient, as
+    transformers' gradient_checkpointing_enable and PEFT do (``enable_input_require_grads``):
+    a leaf, so every layer runs backward down to it although nothing below it trains."""
     trainable = trainable_keys(model, plan)
     adapters = lora_adapters(model, plan, bindings)
     index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
@@ -85,7 +107,9 @@ def analyze(model: Model, plan: Plan, bindings: dict, routed: bool = True) -> St
     gathers = {index_of[u.via] for u in model.roles.params if u.via and (u.key in trainable or any(
         a.key == u.key for a in adapters))}
     cuts = stop_grad_cuts(model, plan)
-    needs, runs_backward = gradient_flow(model, trainable_sites | gathers | {a.site for a in adapters}, cuts)
+    leaves = {model.graph.nodes[index_of[u.site]].outputs[0] for u in model.roles.params
+              if input_grads and u.kind == "token" and u.key not in trainable}
+    needs, runs_backward = gradient_flow(model, trainable_sites | gathers | {a.site for a in adapters}, cuts, leaves)
     return StepAnalysis(model, bindings, frozenset(trainable), frozenset(trainable_sites), tuple(adapters),
                         frozenset(cuts), needs, tuple(runs_backward), frozenset(constant_derived(model)),
                         expert_token_share(model) if routed else {})
@@ -109,6 +133,8 @@ def expert_token_share(model: Model) -> dict[int, float]:
 
 
 def trainable_keys(model: Model, plan: Plan) -> set[str]:
+    """ParamUse keys whose base weights train under ``plan`` (--train / --freeze selectors; none
+    by default under LoRA); a tied tensor trains or freezes as one."""
     uses = model.roles.params
     if plan.train:
         chosen = set().union(*(select(uses, s, model.roles) for s in plan.train))
@@ -127,6 +153,8 @@ def trainable_keys(model: Model, plan: Plan) -> set[str]:
 
 
 def lora_adapters(model: Model, plan: Plan, bindings: dict[str, int]) -> list[Adapter]:
+    """One Adapter per weight the plan's LoRA targets name (however many targets name it), with
+    its rank and in/out widths in elements; refused (PlanError) on a role that is not linear."""
     adapters: list[Adapter] = []
     index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
     adapted: set[str] = set()
@@ -142,8 +170,21 @@ def lora_adapters(model: Model, plan: Plan, bindings: dict[str, int]) -> list[Ad
             adapted.add(use.key)
             site = index_of[use.site]
             d_in, d_out = _linear_dims(model, site, use)
-            adapters.append(Adapter(use.key, use.role, site, rank, d_in, d_out, use.n_experts))
+            if plan.dora and use.n_experts:
+                raise PlanError(f"DoRA on the 3-D expert tensor {use.constant!r}: PEFT runs DoRA on linear "
+                                "layers only (target_parameters do not take use_dora)")
+            adapters.append(Adapter(use.key, use.role, site, rank, d_in, d_out, use.n_experts, plan.dora,
+                                    plan.lora_dropout, _stored_in_out(model, site, use, d_in, d_out)))
     return adapters
+
+
+def _stored_in_out(model: Model, site: int, use: ParamUse, d_in: int, d_out: int) -> bool:
+    """The weight is a module's own [in, out] tensor multiplied as it is (Conv1D), not an
+    nn.Linear [out, in] one reached through a transpose. An exporter's folded transpose (a
+    ``val_N`` constant, no module path) also feeds MatMul directly: not a Conv1D."""
+    node = model.graph.nodes[site]
+    return node.op == "MatMul" and use.constant in node.inputs and use.shape[-2:] == (d_in, d_out) \
+        and "." in use.constant
 
 
 def _linear_dims(model: Model, site: int, use: ParamUse) -> tuple[int, int]:
@@ -157,21 +198,24 @@ def _linear_dims(model: Model, site: int, use: ParamUse) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def gradient_flow(model: Model, trainable_sites: set[int], cuts: set[str]):
-    """(needs_grad per tensor, runs_backward per node)."""
+def gradient_flow(model: Model, trainable_sites: set[int], cuts: set[str], leaves: set[str] = frozenset()):
+    """(needs_grad per tensor, runs_backward per node). ``leaves``: tensors made to require a
+    gradient (requires_grad_): they need one, but their producer does not run backward for it."""
     graph = model.graph
     needs: dict[str, bool] = {}
+    flags = []
     for index, node in enumerate(graph.nodes):
         flag = index in trainable_sites or any(needs.get(x, False) for x in node.inputs if x and x not in cuts)
+        flags.append(flag)
         for out in node.outputs:
             if out:
                 dtype = graph.dtype(out)
-                needs[out] = flag and (dtype is None or dtype in FLOAT_DTYPES)
+                needs[out] = (flag or out in leaves) and (dtype is None or dtype in FLOAT_DTYPES)
     receives = {o for o in graph.outputs if needs.get(o)}
     runs_backward = [False] * len(graph.nodes)
     for index in range(len(graph.nodes) - 1, -1, -1):
         node = graph.nodes[index]
-        if not any(out in receives for out in node.outputs if out):
+        if not flags[index] or not any(out in receives for out in node.outputs if out):
             continue
         runs_backward[index] = True
         for x in node.inputs:
@@ -181,6 +225,8 @@ def gradient_flow(model: Model, trainable_sites: set[int], cuts: set[str]):
 
 
 def stop_grad_cuts(model: Model, plan: Plan) -> set[str]:
+    """Tensors the plan's --stop-grad detaches (every attention output for "attn"): no gradient
+    flows back through them."""
     cuts: set[str] = set()
     consumers_of: dict[str, list] = {}
     for target in plan.stop_grad:

@@ -24,6 +24,10 @@ from costlens.storages import VIEW_OPS, Precision, SavedStorage, StorageContext,
 
 @dataclass(frozen=True)
 class MemoryBytes:
+    """Memory of one training step, in bytes: persistent weights, gradients and optimizer state
+    (moments, fp32 masters), activations saved for backward, and the step's peak with the phase
+    (forward, backward, optimizer) where it falls."""
+
     weights: int
     gradients: int
     optimizer: int
@@ -38,22 +42,26 @@ class MemoryBytes:
 def trainable_shapes(analysis: StepAnalysis) -> list[tuple[int, ...]]:
     """Shapes of the tensors the optimizer holds: trainable base weights and LoRA A, B."""
     shapes = [u.shape for u in analysis.model.roles.params if u.key in analysis.trainable and u.n_params]
-    for adapter in analysis.adapters:
-        experts = (adapter.n_experts,) if adapter.n_experts else ()
-        shapes += [experts + (adapter.rank, adapter.d_in), experts + (adapter.d_out, adapter.rank)]
-    return shapes
+    return shapes + [shape for adapter in analysis.adapters for shape in adapter.shapes]
 
 
 def _grads_at(analysis: StepAnalysis, precision: Precision) -> dict[int, int]:
     """Bytes of weight gradients produced at each node's backward."""
     index_of = {n.name: i for i, n in enumerate(analysis.model.graph.nodes)}
     grads: dict[int, int] = {}
+    # a tied weight's gradient exists from the backward of its use that runs first (the head)
+    last_site: dict[str, int] = {}
+    for use in analysis.model.roles.params:
+        if use.key in analysis.trainable:
+            last_site[use.constant] = max(last_site.get(use.constant, -1), index_of[use.site])
     for use in analysis.model.roles.params:
         if use.key in analysis.trainable and use.n_params:
-            site = index_of[use.site]
+            site = last_site[use.constant]
             grads[site] = grads.get(site, 0) + use.n_params * precision.weight
     for adapter in analysis.adapters:
         grads[adapter.site] = grads.get(adapter.site, 0) + adapter.n_params * precision.adapter
+        if adapter.dora_weight_grad:    # PEFT's throwaway gradient of W.T, in the adapter's input dtype
+            grads[adapter.site] += adapter.d_in * adapter.d_out * precision.adapter
     return grads
 
 
@@ -70,6 +78,8 @@ def _transient(ctx: StorageContext, node: Node, share: float = 1.0) -> int:
 # --------------------------------------------------------------------------- estimate
 
 def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryBytes:
+    """The step's memory by category and its peak (bytes), from what each op saves for
+    backward and a walk of the backward pass."""
     precision = Precision.of(setup.precision)
     ctx = StorageContext(analysis, precision, setup.device, setup.attention)
     graph, roles = analysis.model.graph, analysis.model.roles
@@ -77,13 +87,13 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
     n_trainable = sum(numel(s) for s in shapes)
     adapter_params = sum(a.n_params for a in analysis.adapters)
     n_base = n_trainable - adapter_params
-    adapter_shapes = shapes[len(shapes) - 2 * len(analysis.adapters):] if analysis.adapters else []
+    adapter_shapes = [shape for adapter in analysis.adapters for shape in adapter.shapes]
     base_shapes = shapes[:len(shapes) - len(adapter_shapes)]
     weights = roles.params_total * precision.weight + adapter_params * precision.adapter
     gradients = n_base * precision.weight + adapter_params * precision.adapter
     optimizer = sum(state_bytes(setup.optimizer, s, precision.state) for s in base_shapes)
     optimizer += sum(state_bytes(setup.optimizer, s, precision.adapter_state) for s in adapter_shapes)
-    optimizer += n_base * precision.master
+    optimizer += n_trainable * precision.master      # every trainable half tensor, adapters too
     persistent = weights + optimizer
 
     logits = graph.outputs[0]
@@ -91,18 +101,24 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
     trains = any(analysis.runs_backward)
     saved = collect_saved(analysis, ctx, plan, setup) if trains else {}
     if trains:   # cross-entropy keeps log_softmax(logits), fp32 under autocast
-        saved["loss:log_softmax"] = SavedStorage(_loss_bytes(ctx, precision), len(graph.nodes))
+        saved["loss:log_softmax"] = SavedStorage(_loss_bytes(ctx, precision, setup.loss), len(graph.nodes))
     layer_items, layer_keys = _checkpointed(analysis, saved) if setup.checkpointing else ({}, set())
     held_at_start = sum(item.n_bytes for key, item in saved.items() if key not in layer_keys)
-    if setup.checkpointing:
-        held_at_start += _layer_inputs(analysis, ctx)
+    kept = _layer_inputs(analysis, ctx) if setup.checkpointing else {}   # each freed as its layer's backward ends
+    held_at_start += sum(item.n_bytes for item in kept.values())
     activations = held_at_start
 
+    if trains and setup.loss == "hf" and saved["loss:log_softmax"].n_bytes > logits_bytes:
+        logits_bytes += saved["loss:log_softmax"].n_bytes      # HF's logits.float() copy, until the loss
     forward_peak = persistent + activations + logits_bytes     # the logits live until the loss is taken
     if not trains:
         return MemoryBytes(weights, 0, optimizer, 0, forward_peak + _largest_activation(ctx), "forward")
-    backward_peak = _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, persistent, held_at_start)
-    optimizer_peak = persistent + gradients + step_temporaries(
+    backward_peak = _simulate_backward(analysis, ctx, {**saved, **kept}, layer_items, layer_keys, persistent,
+                                       held_at_start)
+    # half weights stepped through fp32 masters: each half gradient is converted to an fp32 one
+    # on its master before the inner optimizer steps (all at once, as the master optimizer does)
+    master_grads = n_trainable * precision.master
+    optimizer_peak = persistent + gradients + master_grads + step_temporaries(
         setup.optimizer, setup.optimizer_impl, shapes, precision.state)
     phases = {"forward": forward_peak, "backward": backward_peak, "optimizer": optimizer_peak}
     phase = max(phases, key=phases.get)
@@ -110,12 +126,14 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
                        _by_layer(analysis, saved))
 
 
-def _loss_bytes(ctx: StorageContext, precision: Precision) -> int:
+def _loss_bytes(ctx: StorageContext, precision: Precision, loss: str = "ce") -> int:
     """Bytes of one logits-sized tensor of the loss: autocast runs cross-entropy in fp32 (it
-    upcasts half logits), so log_softmax and its gradients are fp32 there."""
+    upcasts half logits), and so does HF's own loss (``logits.float()`` first), so log_softmax
+    and its gradients are fp32 there; otherwise it runs in the logits' own dtype (half when the
+    weights are half)."""
     logits = ctx.graph.outputs[0]
     elements = numel(ctx.shape(logits) or ())
-    return elements * (4 if precision.mixed else precision.activation)
+    return elements * (4 if precision.autocast or loss == "hf" else ctx.element_bytes(logits))
 
 
 def _by_layer(analysis: StepAnalysis, saved: dict) -> tuple[tuple[int | None, int], ...]:
@@ -159,26 +177,70 @@ def _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, base, held
 
 
 def _checkpointed(analysis: StepAnalysis, saved: dict) -> tuple[dict[int, list], set[str]]:
-    """Saved storages made inside a layer: with checkpointing they exist only while that
-    layer's backward runs (after recomputing its forward). Returns (layer -> items, keys)."""
+    """Saved storages a layer's backward reads: with checkpointing none is kept from the
+    forward; they exist only while that layer's backward runs, after its forward is recomputed.
+    Returns (layer -> items the recompute makes again, keys of all of them). A storage made
+    before the layer (its input hidden states, the mask, the RoPE tables) is not made again:
+    the recompute reads the very tensors the checkpoint holds (``_layer_inputs``), so it is a
+    key but no item."""
     by_layer: dict[int, list] = {}
     keys: set[str] = set()
     node_layers = analysis.model.roles.node_layers
+    made_in = {o: node_layers[i] for i, n in enumerate(analysis.model.graph.nodes) for o in n.outputs if o}
     for key, item in saved.items():
         layer = node_layers[item.release] if item.release < len(node_layers) else None
         if layer is not None:
-            by_layer.setdefault(layer, []).append(item)
             keys.add(key)
+            if made_in.get(key, layer) == layer:      # Extra keys (stats, copies) are made by the layer
+                by_layer.setdefault(layer, []).append(item)
     return by_layer, keys
 
 
-def _layer_inputs(analysis: StepAnalysis, ctx: StorageContext) -> int:
-    """What checkpointed layers keep from the forward: each layer's input hidden states, and
-    the side inputs HF passes into every layer (the attention mask, the RoPE cos / sin
-    tables), which the recompute closures hold alive; those are shared, so counted once."""
-    arch = analysis.model.roles.architecture
+def _layer_inputs(analysis: StepAnalysis, ctx: StorageContext) -> dict[str, SavedStorage]:
+    """What checkpointed layers keep from the forward (bytes, and the node after whose backward
+    each is freed). torch.utils.checkpoint (non-reentrant) saves each layer's arguments until
+    that layer's backward ends (its first node that runs backward): the input hidden states,
+    and the side inputs HF passes into every layer (the attention mask, the RoPE cos / sin
+    tables), shared by all layers, so counted once and freed with layer 0's. HF's
+    gradient_checkpointing_enable (and PEFT) also make the token embedding's output require a
+    gradient (``enable_input_require_grads``): with a frozen table that output is a leaf, which
+    its gradient accumulator holds until the end of backward (counted when no layer reads it
+    directly, e.g. GPT-2's token + position sum)."""
+    arch, layers = analysis.model.roles.architecture, analysis.model.roles.node_layers
     tokens = analysis.bindings["batch"] * analysis.bindings["seq"]
-    return arch.layers * tokens * (arch.hidden or 0) * ctx.precision.activation + _side_inputs(analysis, ctx)
+    ends = {}                                   # layer -> its first node that runs backward
+    for index in range(len(layers) - 1, -1, -1):
+        if layers[index] is not None and analysis.runs_backward[index]:
+            ends[layers[index]] = index
+    hidden_bytes = tokens * (arch.hidden or 0) * ctx.precision.activation
+    kept = {f"checkpoint_input@layer{layer}": SavedStorage(hidden_bytes, ends.get(layer, 0))
+            for layer in range(arch.layers)}
+    kept["checkpoint_side_inputs"] = SavedStorage(_side_inputs(analysis, ctx), min(ends.values(), default=0))
+    leaf = _embedding_leaf(analysis, ctx)
+    if leaf:
+        kept["checkpoint_embedding_leaf"] = SavedStorage(leaf, 0)
+    return kept
+
+
+def _embedding_leaf(analysis: StepAnalysis, ctx: StorageContext) -> int:
+    """Bytes of the frozen token embedding's output made a leaf that requires grad, when it is
+    not itself a layer's input (0 when the table trains: the output is then no leaf). The
+    hook sits on the embedding module, which applies its own constant scale (Gemma's scaled
+    embedding): the leaf is the lookup after such constant-operand ops, not before."""
+    graph, layers = analysis.model.graph, analysis.model.roles.node_layers
+    token = next((u for u in analysis.model.roles.params if u.kind == "token" and u.n_params), None)
+    if token is None or token.key in analysis.trainable:
+        return 0
+    site = next(i for i, n in enumerate(graph.nodes) if n.name == token.site)
+    out = graph.nodes[site].outputs[0]
+    while len(readers := ctx.consumers.get(out, ())) == 1 and graph.nodes[readers[0]].op in ("Mul", "Cast", "Div") \
+            and layers[readers[0]] is None and all(x in analysis.weights or x in graph.constants
+                                                   for x in graph.nodes[readers[0]].inputs if x and x != out):
+        out = graph.nodes[readers[0]].outputs[0]
+    root = ctx.storage(out)
+    read_in_layer = any(layers[i] is not None and any(x and ctx.storage(x) == root for x in n.inputs)
+                        for i, n in enumerate(graph.nodes))
+    return 0 if read_in_layer else ctx.nbytes(root)
 
 
 def _side_inputs(analysis: StepAnalysis, ctx: StorageContext) -> int:

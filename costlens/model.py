@@ -20,6 +20,11 @@ class Model:
     graph: Graph
     roles: RoleMap
     unknown_ops: Mapping[str, int]
+    # the attention the source runs when none is chosen (plans.ATTENTION_IMPLS) and why, as
+    # frontends/attention_default.py finds it: Setup(attention=model.default_attention); None when
+    # the source names an implementation costlens does not price (the reason in the why)
+    default_attention: str | None = "eager"
+    default_attention_why: str = ""
 
     @property
     def incomplete(self) -> bool:

@@ -14,12 +14,23 @@ The plan must select exactly what PEFT adapts. A match costlens cannot write as 
 layer of several, an embedding, a norm, a container module, part of a role at one rank and part
 at another) is a PlanError naming the modules, never dropped. ``modules_to_save`` become trained
 base weights (``train=...``), also written as selectors.
+
+On transformers 5, PEFT's ``get_peft_model`` first rewrites the config of MoE types whose experts
+transformers fused into 3-D tensors (``convert_peft_config_for_transformers``: mixtral, deepseek_v3,
+olmoe, qwen3_moe, ...): v4 names such as ``gate_proj``/``up_proj``/``down_proj`` (``w1``/``w3``/``w2``)
+leave ``target_modules`` -- a dense MLP or shared expert of that name is no longer adapted -- and
+become ``target_parameters`` on the fused experts, ``gate_up_proj`` at rank and alpha times two.
+Given the transformers module (the meta device is enough), that same PEFT function is run first,
+so the plan prices what PEFT trains; without torch and PEFT, or for an ONNX graph, the names are
+matched as written (a note says when a graph of fused experts would be rewritten).
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from costlens.errors import PlanError
@@ -34,7 +45,7 @@ KIND_TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
 TRAIN_SELECTORS = ("embed", "head", "norm", "attn", "ffn", "router", "experts", "shared_experts", "other",
                    *KIND_TARGETS)
 # LoRA settings that change what a step costs and that costlens does not price
-UNPRICED = {"use_dora": "DoRA (magnitude vectors, a weight-norm in every forward)", "lora_bias": "LoRA bias terms",
+UNPRICED = {"lora_bias": "LoRA bias terms",
             "trainable_token_indices": "trainable token rows", "layer_replication": "layer replication",
             "use_qalora": "QALoRA", "alora_invocation_tokens": "activated LoRA"}
 
@@ -106,15 +117,34 @@ def parameter_path(use: ParamUse) -> str:
 
 
 def plan_from_peft(config: dict | str | Path, model, name: str | None = None, *,
-                   transformers_model: bool | None = None, label: str = "adapter config") -> PeftPlan:
+                   transformers_model: bool | None = None, label: str = "adapter config",
+                   module=None) -> PeftPlan:
     """The costlens Plan of a PEFT LoRA config (a dict, or an adapter_config.json path) on
     ``model`` (a loaded costlens Model). ``transformers_model``: whether the torch module is a
     transformers PreTrainedModel, which decides whether ``"all-linear"`` leaves the LM head out
     (PEFT drops a PreTrainedModel's output embedding only); needed for all-linear alone
-    (``is_transformers_source`` answers it for a source string)."""
+    (``is_transformers_source`` answers it for a source string). ``module``: the transformers
+    module PEFT would wrap (meta device will do; ``meta_module`` builds it from a source): when
+    given, PEFT's own transformers-5 rewrite of MoE targets is applied first (module doc)."""
     source = str(config) if not isinstance(config, dict) else label
     data = read_adapter_config(config) if not isinstance(config, dict) else dict(config)
     _check_supported(data, source)
+    rewrite = None
+    if module is not None:
+        data, rewrite = peft_rewrite(data, module, source)
+    try:
+        result = _plan_of(data, model, name, transformers_model, source)
+    except PlanError as e:
+        if rewrite:            # the rewritten targets are what could not be expressed: say where they came from
+            raise PlanError(f"{e} ({rewrite})") from None
+        raise
+    if rewrite:
+        return PeftPlan(result.plan, result.spec, (rewrite, *result.notes))
+    fused = _fused_expert_names(data, model.roles.params) if module is None else None
+    return PeftPlan(result.plan, result.spec, (*result.notes, fused) if fused else result.notes)
+
+
+def _plan_of(data: dict, model, name: str | None, transformers_model: bool | None, source: str) -> PeftPlan:
     targets = data.get("target_modules")
     if isinstance(targets, str) and targets.lower() == "all-linear":
         if transformers_model is None:
@@ -141,6 +171,8 @@ def plan_from_peft(config: dict | str | Path, model, name: str | None = None, *,
         dropout = float(data.get("lora_dropout") or 0.0)
         if dropout:
             spec_items.append(f"lora-dropout={dropout}")
+        if data.get("use_dora"):
+            spec_items.append("dora=true")
     if train:
         spec_items.append("train=" + ",".join(train))
     if data.get("alpha_pattern"):
@@ -243,10 +275,18 @@ def _adapted(data: dict, uses, saved: dict, source: str, head_is_linear: bool) -
                              and not _excluded(data, p, saved_patterns)})
         refused += [f"{p} (not a linear layer)" for p in containers]
     for pattern in data.get("target_parameters") or []:
-        hits = [u for u in uses if u.n_experts and _parameter_matches(pattern, parameter_path(u))]
+        # 3-D expert tensors, or a 2-D weight such as the router's gate.weight (PEFT's transformers-5
+        # rewrite targets it so: the TopKRouter holding it is no nn.Linear); same adapter parameters
+        hits = [u for u in uses if _parameter_matches(pattern, parameter_path(u)) and not u.tied_to
+                and (u.n_experts or len(u.shape) == 2)]
         if not hits:
-            raise PlanError(f"{source}: target_parameters {pattern!r} matches no 3-D expert tensor of the model")
-        adapted.update({u.key: parameter_path(u) for u in hits})
+            raise PlanError(f"{source}: target_parameters {pattern!r} matches no 3-D expert tensor or linear weight "
+                            "of the model")
+        for use in hits:
+            if use.n_experts or (use.role in LORA_ROLES and use.kind not in ("token", "position", "gate_scale")):
+                adapted[use.key] = parameter_path(use)
+            else:
+                refused.append(f"{parameter_path(use)} ({use.role.value} {use.kind}: not priced as a LoRA target)")
     if refused:
         raise PlanError(f"{source}: costlens cannot express LoRA on {'; '.join(sorted(set(refused)))}")
     if not adapted:
@@ -374,6 +414,123 @@ def _display(model, key: str) -> str:
     return f"{module_path(use) or key} ({use.role.value} {use.kind}, layer {use.layer})"
 
 
+# ------------------------------------------------------------ PEFT's transformers-5 rewrite of MoE targets
+
+# the v4 module names of the projections transformers 5 fused into 3-D expert tensors (and the router)
+V4_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate")
+
+
+def meta_module(source: str, revision: str | None = None):
+    """The transformers module of a model source on the meta device, as PEFT would wrap it (no
+    weights), or None where PEFT would not rewrite for it: an ONNX file, a module that is not a
+    transformers model, or no torch and PEFT installed (the names are then matched as written)."""
+    import importlib.util
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("peft") is None:
+        return None
+    from costlens.frontends.source import SourceKind, classify, torch_source
+    found = classify(source, revision)
+    if found.kind is SourceKind.ONNX:
+        return None
+    built, _ = torch_source(found, revision)
+    if found.kind in (SourceKind.IMPORT_SPEC, SourceKind.MODULE):
+        # PEFT's own test (BaseTuner.inject_adapter): a transformers-like model has config.model_type
+        return built if hasattr(getattr(built, "config", None), "model_type") else None
+    from costlens.frontends.hf_config import build_model
+    return build_model(built, source=found.text)
+
+
+def peft_rewrite(data: dict, module, source: str) -> tuple[dict, str | None]:
+    """(``data`` as PEFT's ``get_peft_model`` rewrites it for ``module``, a note naming the
+    rewrite or None). PEFT's own ``convert_peft_config_for_transformers`` runs on a LoraConfig of
+    ``data``; nothing changes without PEFT, on transformers 4 (PEFT does not convert there) or
+    for a model type PEFT does not convert."""
+    try:
+        import peft
+        from peft.utils.transformers_weight_conversion import (convert_peft_config_for_transformers,
+                                                               get_model_conversion_mapping)
+    except ImportError:        # no PEFT, or transformers 4: the module imports transformers 5's conversion_mapping
+        return data, None
+    known = {f.name for f in fields(peft.LoraConfig)}
+    model_type = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
+    try:
+        # a copy: the rewrite edits rank_pattern and alpha_pattern in place
+        config = peft.LoraConfig(**copy.deepcopy({k: v for k, v in data.items() if k in known}))
+        before = _targets_of(config)
+        # as BaseTuner.inject_adapter calls it; PEFT 0.21 passes the model's weight conversion mapping
+        # and does not read it, so the same argument is given here
+        convert_peft_config_for_transformers(config, model=module, conversions=get_model_conversion_mapping(module))
+    except (TypeError, ValueError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PlanError(f"{source}: PEFT refuses this config on the {model_type} module ({message})") from None
+    after = _targets_of(config)
+    if after == before:
+        return data, None
+    rewritten = {**data, "target_modules": after[0] if isinstance(after[0], str) else list(after[0]),
+                 "target_parameters": list(after[1]), "rank_pattern": dict(config.rank_pattern),
+                 "alpha_pattern": dict(config.alpha_pattern)}
+    return rewritten, _rewrite_note(peft.__version__, model_type, before, after, config)
+
+
+def _targets_of(config) -> tuple:
+    modules = config.target_modules
+    return (modules if isinstance(modules, str) or modules is None else tuple(sorted(modules)),
+            tuple(sorted(config.target_parameters or ())), tuple((config.rank_pattern or {}).items()),
+            tuple((config.alpha_pattern or {}).items()))
+
+
+def _rewrite_note(version: str, model_type: str, before: tuple, after: tuple, config) -> str:
+    if isinstance(before[0], str):
+        gone = f"target_modules {before[0]!r} resolve to {', '.join(after[0]) or 'nothing'}"
+    else:
+        gone = (f"target_modules {', '.join(sorted(set(before[0] or ()) - set(after[0]))) or 'none'} leave "
+                "(no module of those names is adapted)")
+    added = sorted(set(after[1]) - set(before[1]))
+    scaled = [f"{_pattern_name(k)} at rank {v}, alpha {config.alpha_pattern.get(k, config.lora_alpha)}"
+              for k, v in after[2] if (k, v) not in before[2]]
+    return (f"PEFT {version} rewrites the targets for transformers 5's fused {model_type} experts, as get_peft_model "
+            f"does: {gone}, target_parameters {', '.join(added) or 'none'} come in"
+            + (f" ({'; '.join(scaled)})" if scaled else ""))
+
+
+def _pattern_name(key: str) -> str:
+    return key.removeprefix(r".*\.").replace("\\", "")
+
+
+def _fused_expert_names(data: dict, uses) -> str | None:
+    """A note when names PEFT rewrites on a transformers-5 MoE module meet a graph of fused experts
+    (an ONNX export of one) whose model type is unknown here, so the rewrite cannot be run."""
+    targets = data.get("target_modules")
+    listed = targets if isinstance(targets, (list, tuple)) else []
+    named = [t for t in listed if t.rsplit(".", 1)[-1] in V4_EXPERT_NAMES]
+    # an exporter may rename the fused tensor (val_353): its kind, gate and up in one 3-D tensor, tells
+    if not named or not any(u.n_experts and u.kind == "gate_up" for u in uses):
+        return None
+    return (f"target_modules {', '.join(named)}: this graph holds fused 3-D experts (gate and up in one tensor) as "
+            "transformers 5 builds them; if it was exported from a transformers MoE model of a type PEFT converts "
+            "(mixtral, deepseek_v3, olmoe, qwen3_moe, ...), PEFT on that module rewrites these names into "
+            "target_parameters on the experts, which a graph does not say: priced as written here; price the "
+            "model's config.json for PEFT's plan")
+
+
+@contextmanager
+def named_targets_only():
+    """PEFT's ``get_peft_model`` without its transformers-5 rewrite of MoE targets (module doc),
+    for a LoRA config of full module and parameter names: the rewrite matches names by their last
+    part alone, so a dense MLP's ``model.layers.0.mlp.gate_proj`` would leave target_modules and
+    re-target every layer's fused experts. A no-op where PEFT has no rewrite (no PEFT,
+    transformers 4). PEFT 0.21 has no option to turn it off."""
+    from unittest import mock
+    try:
+        import peft.utils.transformers_weight_conversion as conversion
+    except ImportError:
+        yield
+        return
+    # BaseTuner.inject_adapter imports the function from this module at each call: patched here, not in
+    # peft.tuners.tuners_utils (which never holds the name)
+    with mock.patch.object(conversion, "convert_peft_config_for_transformers", lambda *args, **kwargs: None):
+        yield
+
+
 def peft_plan_with_options(path: str, model, source: str | None, options: dict) -> tuple[str, Plan, tuple[str, ...]]:
     """(spec text, Plan, notes) of ``--peft path`` on ``model`` (``source``: its MODEL argument),
     with the command's other plan options (train, freeze, stop-grad, dropout, stack-ffn) added.
@@ -386,7 +543,8 @@ def peft_plan_with_options(path: str, model, source: str | None, options: dict) 
     transformers_model = None
     if isinstance(targets, str) and targets.lower() == "all-linear" and source is not None:
         transformers_model = is_transformers_source(source)
-    result = plan_from_peft(data, model, transformers_model=transformers_model, label=str(path))
+    module = meta_module(source) if source is not None else None     # PEFT's rewrite needs the module
+    result = plan_from_peft(data, model, transformers_model=transformers_model, label=str(path), module=module)
     items = dict(item.split("=", 1) for item in result.spec.split(";") if item)
     for key in ("train", "freeze", "stop_grad", "dropout", "stack_ffn", "stack_ffn_width"):
         value = options.get(key)

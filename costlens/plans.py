@@ -39,17 +39,34 @@ OPTIMIZERS = ("adamw", "adamw-8bit", "sgd", "sgd-momentum", "adafactor")
 # under torch.autocast (the HF Trainer's bf16=True / fp16=True); "bf16": pure bf16 weights and
 # optimizer state; "bf16-mixed"/"fp16-mixed": half-precision weights with an fp32 master copy.
 PRECISIONS = ("fp32", "bf16-autocast", "fp16-autocast", "bf16", "bf16-mixed", "fp16-mixed")
+# The dtype the forward runs in under each precision: half-weight precisions run the model's code
+# in half, with its own fp32 upcasts (softmax, norms, RoPE); autocast runs fp32 code.
+_RUNNING_DTYPES = {"bf16": "bfloat16", "bf16-mixed": "bfloat16", "fp16-mixed": "float16"}
 # "eager": the softmax(QK^T)V ops as written; "sdpa": torch.nn.functional.scaled_dot_product_attention
 # as torch dispatches it on the device (HF's default); "fused": a flash-style kernel that saves the
 # output and its log-sum-exp only.
 ATTENTION_IMPLS = ("eager", "sdpa", "fused")
-# "ce": cross-entropy of the logits against the ids; "hf": as transformers computes it (logits
-# upcast to fp32, shifted by one, cross-entropy); "chunked": the loss over token chunks that never
-# holds the full logits.
-LOSSES = ("ce", "hf", "chunked")
+# How experts stored as 3-D tensors (transformers 5's fused layout) run under routed dispatch,
+# by transformers' experts_implementation names: "eager": a loop over the experts hit, each on
+# its gathered tokens, combined with index_add (which keeps its source); "grouped_mm": tokens
+# sorted by expert and run through torch._grouped_mm, combined by a gather and a sum (no
+# index_add); "batched_mm": each pair's expert matrices gathered ([S, 2F, D], what a bmm keeps
+# for dX) and run through bmm (what transformers' ONNX exports trace). Experts stored one linear
+# per expert always run a loop.
+EXPERTS_IMPLS = ("eager", "grouped_mm", "batched_mm")
+# "ce": cross-entropy of the logits in their own dtype; "hf": as transformers computes it from
+# labels (logits upcast to fp32, shifted by one, cross-entropy). A chunked loss that never holds
+# the full logits is not priced yet, so it is not offered.
+LOSSES = ("ce", "hf")
 SHARD_MODES = ("none", "ddp", "zero1", "zero2", "zero3")   # how data-parallel ranks share the model
 OFFLOAD = (None, "optimizer", "params")                    # what lives in host memory between uses
 LAYER_RANGE = re.compile(r"^layers:(\d+)(?:-(\d+))?$")
+
+
+def running_dtype(precision: str) -> str:
+    """The torch dtype name the model's parameters have while the forward runs under
+    ``precision`` ("float32", "bfloat16" or "float16"): the dtype to trace a config in."""
+    return _RUNNING_DTYPES.get(precision, "float32")
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,7 @@ class Plan:
     rank: int = 8                        # rank for targets without their own
     alpha: float = 16.0
     lora_dropout: float = 0.0
+    dora: bool = False                   # PEFT use_dora: a trained magnitude per output, weight-normed
     stack_ffn: int = 0
     stack_ffn_width: int | None = None
     stop_grad: tuple[str, ...] = ()      # "attn": detach every attention output
@@ -81,13 +99,14 @@ class Setup:
     seq: int | None = None
     optimizer: str = "adamw"
     precision: str = "fp32"
-    attention: str = "eager"
+    attention: str = "eager"             # the CLI's default is what the source runs (Model.default_attention)
     checkpointing: bool = False          # HF gradient_checkpointing_enable: non-reentrant, per decoder layer
     loss: str = "ce"                     # LOSSES
     optimizer_impl: str = "for-loop"     # "foreach" keeps whole-model temporaries (CUDA default)
     gpu: str | None = None
     mfu: float = 0.4
     moe_dispatch: str = "routed"         # "routed": experts see their k/E of the tokens; "dense": all tokens
+    experts_impl: str = "eager"          # EXPERTS_IMPLS; the CLI's default: what the source runs (cli._experts_default)
     device: str = "cuda"                 # where the step runs: torch's kernels differ (dropout masks)
     # parallel layout (costlens/parallel/): per-rank figures when gpus > 1; batch is per data-parallel rank
     gpus: int = 1
@@ -107,6 +126,7 @@ class Setup:
 # --------------------------------------------------------------------------- parsing
 
 def split_list(text: str | None) -> tuple[str, ...]:
+    """``"attn, ffn"`` -> ("attn", "ffn"); None or "" -> ()."""
     if not text:
         return ()
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -152,18 +172,23 @@ def parse_plan_spec(spec: str, default_name: str | None = None) -> Plan:
 
 
 def plan_from_options(name: str, train=None, freeze=None, lora=None, rank=None, alpha=None, lora_dropout=None,
-                      stack_ffn=None, stack_ffn_width=None, stop_grad=None, dropout=None, **unknown) -> Plan:
+                      stack_ffn=None, stack_ffn_width=None, stop_grad=None, dropout=None, dora=None,
+                      **unknown) -> Plan:
+    """The Plan of the CLI's plan options (or a spec's keys, as text), checked: unknown keys,
+    contradictory or silently ignored options are refused (PlanError, one line)."""
     if unknown:
         raise PlanError(f"plan {name!r}: unknown key(s) {', '.join(sorted(unknown))} "
                         f"(known: {', '.join(k.replace('_', '-') for k in PLAN_KEYS)})")
     default_rank, ranks = parse_ranks(rank)
     _check_consistent(name, split_list(train), split_list(freeze), split_list(lora), ranks,
-                      {"rank": rank, "alpha": alpha, "lora-dropout": lora_dropout})
+                      {"rank": rank, "alpha": alpha, "lora-dropout": lora_dropout,
+                       "dora": dora if _flag(dora, "dora") else None})
     plan = Plan(
         name=name, train=split_list(train), freeze=split_list(freeze), lora=split_list(lora),
         ranks=MappingProxyType(ranks), rank=default_rank or 8,
         alpha=_alpha(alpha),
         lora_dropout=_fraction(lora_dropout, "lora-dropout"), dropout=_fraction(dropout, "dropout"),
+        dora=_flag(dora, "dora"),
         stack_ffn=_count(stack_ffn, "stack-ffn"),
         stack_ffn_width=_positive_int(str(stack_ffn_width), "stack-ffn-width") if stack_ffn_width else None,
         stop_grad=split_list(stop_grad),
@@ -215,6 +240,20 @@ def _count(text, what: str) -> int:
     return value
 
 
+def _flag(value, what: str) -> bool:
+    """A yes/no plan key: the CLI's flag (a bool), or the spec / plans-file text."""
+    if value in (None, "", False):
+        return False
+    if value is True:
+        return True
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise PlanError(f"--{what}: {value!r} is not true or false")
+
+
 def _alpha(text) -> float:
     if not text:
         return 16.0
@@ -239,13 +278,13 @@ def _fraction(text, what: str) -> float:
     return value
 
 
-PLAN_KEYS = ("train", "freeze", "lora", "rank", "alpha", "lora_dropout", "stack_ffn", "stack_ffn_width",
+PLAN_KEYS = ("train", "freeze", "lora", "rank", "alpha", "lora_dropout", "dora", "stack_ffn", "stack_ffn_width",
              "stop_grad", "dropout")
 
 
 def load_plans_file(path: str) -> list[tuple[str, Plan]]:
     """Plans from a TOML file: ``[[plan]]`` tables with ``name`` and either ``spec`` (the
-    ``compare --plan`` syntax) or the keys train, freeze, lora, rank, alpha, lora-dropout,
+    ``compare --plan`` syntax) or the keys train, freeze, lora, rank, alpha, lora-dropout, dora,
     stack-ffn, stack-ffn-width, stop-grad, dropout."""
     try:
         import tomllib
@@ -298,6 +337,7 @@ def load_plans_file(path: str) -> list[tuple[str, Plan]]:
 
 
 def check_setup(setup: Setup) -> Setup:
+    """``setup`` itself when every field is one costlens prices; else PlanError naming the field."""
     if setup.optimizer not in OPTIMIZERS:
         raise PlanError(f"unknown optimizer {setup.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
     if setup.precision not in PRECISIONS:
@@ -310,6 +350,9 @@ def check_setup(setup: Setup) -> Setup:
         raise PlanError(f"unknown device {setup.device!r} (cuda or cpu)")
     if setup.moe_dispatch not in ("routed", "dense"):
         raise PlanError(f"unknown MoE dispatch {setup.moe_dispatch!r} (routed or dense)")
+    if setup.experts_impl not in EXPERTS_IMPLS:
+        raise PlanError(f"unknown experts implementation {setup.experts_impl!r} "
+                        f"(choose from {', '.join(EXPERTS_IMPLS)})")
     if setup.batch <= 0 or (setup.seq is not None and setup.seq <= 0):
         raise PlanError("batch and seq must be positive")
     check_sizes(setup.batch, setup.seq)
@@ -440,4 +483,5 @@ def _kind_matches(kind: str, kinds: frozenset[str]) -> bool:
 
 
 def with_name(plan: Plan, name: str) -> Plan:
+    """A copy of ``plan`` named ``name``."""
     return replace(plan, name=name)

@@ -136,6 +136,8 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_from_mapping(data: dict, source: str = "recipe") -> Recipe:
+    """A parsed recipe mapping (TrainingArguments fields) as Setup values; ``source`` names it in
+    each PlanError. Fields it leaves out take TrainingArguments' defaults when transformers is installed."""
     defaults = training_arguments_defaults()
     known = set(defaults or ()) | set(COST_FIELDS)
     _check_keys(data, known if defaults is not None else None, source)

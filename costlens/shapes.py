@@ -40,6 +40,8 @@ def _value(node, bindings: dict[str, int]) -> int | None:
 
 
 def eval_dim(dim: Dim, bindings: dict[str, int]) -> int | None:
+    """One dim's size in elements at ``bindings`` (``/`` divides as ``//``); None when it names an
+    unbound symbol or is not integer arithmetic, so an unknown size is never guessed."""
     if isinstance(dim, int):
         return dim
     tree = _parse(dim)
@@ -67,6 +69,7 @@ def _eval_shape_at(shape: Shape, binding_items: tuple[tuple[str, int], ...]) -> 
 
 
 def numel(shape: tuple[int, ...]) -> int:
+    """Elements in a tensor of concrete ``shape`` (1 for a scalar's ``()``); times the dtype's size for bytes."""
     count = 1
     for dim in shape:
         count *= dim

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from costlens.gradients import StepAnalysis
-from costlens.ir import Node
+from costlens.ir import FLOAT_DTYPES, Node
 from costlens.ops.autocast import AUTOCAST_FP32, AUTOCAST_HALF, INT_BYTES, autocast_casts, autocast_dtypes
+from costlens.ops.moe import INDEX_BYTES
 from costlens.ops.saved import Extra, saved_by
 from costlens.plans import Plan, Setup
 from costlens.shapes import eval_shape, numel
@@ -22,8 +23,25 @@ VIEW_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
                       "Expand", "Dropout"})
 
 
+FLOAT_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8e4m3fn": 1, "float8e5m2": 1}
+HALF_DTYPES = frozenset({"bfloat16", "float16"})
+
+
+def runs_half(model) -> bool:
+    """Whether most parameter elements of the model's graph are bf16 / fp16: a graph traced
+    from a half model, or a half export, whose float32 tensors are the code's own upcasts."""
+    by_dtype: dict[str | None, int] = {}
+    for use in model.roles.params:
+        dtype = model.graph.dtype(use.constant)
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + use.n_params
+    half = sum(n for dtype, n in by_dtype.items() if dtype in HALF_DTYPES)
+    return half * 2 > sum(by_dtype.values())
+
+
 @dataclass(frozen=True)
 class Precision:
+    """Bytes per element of each kind of tensor under a precision recipe (``Precision.of``)."""
+
     weight: int          # bytes per weight (and gradient)
     activation: int      # bytes per activation element
     state: int           # bytes per optimizer-state element
@@ -67,6 +85,12 @@ class StorageContext:
         self.precision = precision
         self.device = device
         self.autocast_bytes = autocast_dtypes(self.graph, analysis.weights, device) if precision.autocast else {}
+        # A graph of a half model (traced in bf16, or an fp16 export) shows the fp32 islands its
+        # code upcasts to: with half weights those dtypes are what runs; with fp32 weights every
+        # float is fp32 and a cast between float dtypes returns its input (a view, no storage).
+        half_graph = runs_half(analysis.model)
+        self.graph_dtypes = half_graph and precision.weight == 2
+        self.float_casts_are_views = half_graph and precision.weight == 4
         self.safe_softmax = safe_softmax_guards(self.graph)
         self.fused_inner = silu_sigmoid_outputs(self.graph) | rsqrt_sqrt_outputs(self.graph) | set(self.safe_softmax)
         self.consumers: dict[str, list[int]] = {}
@@ -141,6 +165,8 @@ class StorageContext:
             return INT_BYTES[dtype]
         if self.autocast_bytes:
             return self.autocast_bytes.get(tensor, 4)
+        if self.graph_dtypes:
+            return FLOAT_BYTES.get(dtype, self.precision.activation)
         producer = self.producer(tensor)
         if self.precision.mixed and producer is not None and producer.op in AUTOCAST_FP32:
             return 4
@@ -154,6 +180,9 @@ class StorageContext:
         current = self.safe_softmax.get(tensor, tensor)
         while True:
             node = self.producer(current)
+            if node is not None and node.op == "Cast" and self._cast_is_view(node):
+                current = node.inputs[0]
+                continue
             if node is None or node.op not in VIEW_OPS or not node.inputs[0]:
                 return current
             base = self.producer(node.inputs[0])
@@ -161,6 +190,14 @@ class StorageContext:
                     and not (base.op == "Transpose" and base.inputs[0] in self.kernel_outputs):
                 return current            # reshaping a non-contiguous tensor copies it
             current = node.inputs[0]
+
+    def _cast_is_view(self, node: Node) -> bool:
+        """``x.to(dtype)`` returns ``x`` itself when x already has that dtype as it runs: with
+        fp32 weights, a half graph's casts between float dtypes (HF's upcasts) do nothing."""
+        source, target = self.graph.dtype(node.inputs[0]), self.graph.dtype(node.outputs[0])
+        if source not in FLOAT_DTYPES or target not in FLOAT_DTYPES:
+            return False
+        return source == target or self.float_casts_are_views
 
     def bmm_copy_bytes(self, node: Node, tensor: str) -> int | None:
         """Bytes of the copy of ``tensor`` that a batched product keeps, or None when it keeps the
@@ -246,6 +283,9 @@ def silu_sigmoid_outputs(graph) -> set[str]:
 
 @dataclass
 class SavedStorage:
+    """One storage autograd keeps for backward: its size in bytes and the node (index) whose
+    backward is the last to read it, after which it is freed."""
+
     n_bytes: int
     release: int          # node index whose backward is the last to need it
 
@@ -308,6 +348,11 @@ def routed_expert_nodes(analysis: StepAnalysis) -> dict[int, tuple[float, str, i
     three_d = {u.site: u.n_experts for u in analysis.model.roles.params if u.n_experts}
     index_of = {n.name: i for i, n in enumerate(graph.nodes)}
     stacked = {index_of[site]: n for site, n in three_d.items()}
+    sites = param_sites(analysis)
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.nodes):
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(index)
     for unit in analysis.model.roles.ffn_units:
         share = analysis.expert_share.get(unit.down_site)
         if share is None:
@@ -318,6 +363,7 @@ def routed_expert_nodes(analysis: StepAnalysis) -> dict[int, tuple[float, str, i
         for index in range(min(first) + 1, unit.down_site):     # between the unit's first linears and its down
             if any(producer.get(x) in members for x in graph.nodes[index].inputs if x):
                 members.add(index)
+        members.update(_expert_tail(graph, consumers, sites, unit.down_site))
         for index in members:
             inside[index] = (share, graph.nodes[unit.down_site].name, copies)
     return inside
@@ -332,6 +378,7 @@ def collect_saved(analysis: StepAnalysis, ctx: StorageContext, plan: Plan, setup
     fused = _fused_attention_nodes(analysis) if fused_kernel(setup.attention) else {}
     adapter_at = analysis.adapter_at
     routed = ctx.routed
+    combines = {u.combine: u for u in routed_units(analysis, ctx, routed) if u.weights is not None}
     producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
     for index, node in enumerate(graph.nodes):
         if not analysis.runs_backward[index]:
@@ -352,7 +399,10 @@ def collect_saved(analysis: StepAnalysis, ctx: StorageContext, plan: Plan, setup
                     continue
                 root = ctx.storage(item)
                 made_in = routed.get(producer.get(root))
-                if made_in is not None:                        # made inside an expert: its routed share
+                unit = combines.get(index)
+                if unit is not None and item == unit.weights:           # routing weights: one per pair
+                    _add(saved, f"pair_weights@{unit.name}", _pair_weights_bytes(ctx, unit), index)
+                elif made_in is not None:                        # made inside an expert: its routed share
                     _add(saved, root, round(ctx.nbytes(root) * made_in[0]), index)
                 elif index in routed:                          # the unit's input: a gathered copy per expert
                     share, unit, copies = routed[index]
@@ -361,27 +411,139 @@ def collect_saved(analysis: StepAnalysis, ctx: StorageContext, plan: Plan, setup
                     _add(saved, root, ctx.nbytes(root), index)
     for key, n_bytes, release in _dropout_saved(analysis, ctx, plan):
         _add(saved, key, n_bytes, release)
-    for key, n_bytes, release in _routed_combine_saved(analysis, ctx, routed):
+    units = routed_units(analysis, ctx, routed)
+    for key, n_bytes, release in _routed_combine_saved(analysis, ctx, units, setup.experts_impl) \
+            + _routed_index_saved(ctx, units, setup.experts_impl):
         _add(saved, key, n_bytes, release)
     return saved
 
 
-def _routed_combine_saved(analysis: StepAnalysis, ctx: StorageContext, routed: dict):
-    """Routed execution adds each expert's weighted output back with index_add, whose backward
-    keeps that output (``derivatives.yaml``: the source gradient is shaped ``expand_as(source)``):
-    the routed share of the experts' down outputs."""
+def param_sites(analysis: StepAnalysis) -> set[int]:
+    """Indices of the nodes where a parameter meets data."""
+    index_of = {n.name: i for i, n in enumerate(analysis.model.graph.nodes)}
+    return {index_of[u.site] for u in analysis.model.roles.params if u.site in index_of}
+
+
+def _expert_tail(graph, consumers: dict, sites: set[int], down: int) -> list[int]:
+    """Nodes after an expert unit's down product that still compute per expert: a bias added
+    to (or a scale multiplied into) the down output, one parameter per expert (GPT-OSS's
+    down_proj_bias). The combine product with the routing weights ends the chain."""
+    tail, out = [], graph.nodes[down].outputs[0]
+    while True:
+        users = list(dict.fromkeys(consumers.get(out, ())))
+        if len(users) != 1 or graph.nodes[users[0]].op not in ("Add", "Mul") or users[0] not in sites:
+            return tail
+        tail.append(users[0])
+        out = graph.nodes[users[0]].outputs[0]
+
+
+@dataclass(frozen=True)
+class RoutedUnit:
+    """One dense-form expert unit as routed execution runs it. ``out``: the experts' output
+    before the routing weights ([E, T, D] for 3-D experts, [T, D] for one expert's linears);
+    ``combine``: the node multiplying it by the routing weights ``weights``, None if not found."""
+
+    name: str
+    share: float          # k / E: the tokens each expert sees
+    copies: int           # experts the unit holds (E for 3-D tensors, 1 for one expert's linears)
+    tokens_in: str        # the unit's input [T, D]
+    out: str
+    first: int            # the unit's first node: its backward is the unit's last
+    last: int             # the unit's last node (its down product, or the per-expert bias after it)
+    combine: int | None
+    weights: str | None
+    bias_trains: bool     # a per-expert bias (gathered by expert id) trains
+
+    def pairs(self, ctx: "StorageContext") -> int:
+        """(token, expert) pairs this unit runs: T·k for 3-D experts, T·k/E for one expert."""
+        return round(ctx.rows(self.out) * self.share)
+
+
+def routed_units(analysis: StepAnalysis, ctx: "StorageContext", routed: dict) -> list[RoutedUnit]:
+    """The routed expert units of ``routed`` (routed_expert_nodes), one per down product."""
     graph = analysis.model.graph
-    downs = {graph.nodes[i].name: i for i in routed}
+    sites = param_sites(analysis)
+    by_unit: dict[str, list[int]] = {}
+    for index, (_share, name, _copies) in routed.items():
+        by_unit.setdefault(name, []).append(index)
+    units = []
+    for name, members in by_unit.items():
+        share, _name, copies = routed[members[0]]
+        first, last = min(members), max(members)
+        out = graph.nodes[last].outputs[0]
+        combine = next((i for i in dict.fromkeys(ctx.consumers.get(out, ())) if graph.nodes[i].op == "Mul"), None)
+        weights = None if combine is None else next((x for x in graph.nodes[combine].inputs if x and x != out), None)
+        biases = [i for i in members if graph.nodes[i].op == "Add" and i in sites]
+        units.append(RoutedUnit(name, share, copies, graph.nodes[first].inputs[0], out, first, last, combine, weights,
+                                any(i in analysis.trainable_sites for i in biases)))
+    return units
+
+
+def _routed_combine_saved(analysis: StepAnalysis, ctx: StorageContext, units: list[RoutedUnit], impl: str):
+    """A loop over experts (one expert's linears, or 3-D experts run "eager") adds each expert's
+    weighted output back with index_add, whose backward keeps that output (``derivatives.yaml``:
+    the source gradient is shaped ``expand_as(source)``): the routed share of the experts'
+    outputs. grouped_mm and batched_mm combine with a reshape and a sum instead."""
+    graph = analysis.model.graph
     found = []
-    for name, (share, unit, _copies) in {v[1]: v for v in routed.values()}.items():
-        index = downs[unit]
-        out = graph.nodes[index].outputs[0]
-        # issue 12 (speed): the consumers map, not a scan of every node per routed unit
-        weighted = [o for i in dict.fromkeys(ctx.consumers.get(out, ())) if graph.nodes[i].op == "Mul"
-                    for o in graph.nodes[i].outputs]
-        if any(ctx.needs(t) for t in [out, *weighted]):     # the source needs a gradient
-            found.append((f"routed_combine@{unit}", round(ctx.nbytes(out) * share), index))
+    for unit in units:
+        if unit.copies > 1 and impl != "eager":
+            continue
+        weighted = graph.nodes[unit.combine].outputs[:1] if unit.combine is not None else []
+        if any(ctx.needs(t) for t in [unit.out, *weighted]):     # the source needs a gradient
+            found.append((f"routed_combine@{unit.name}", round(ctx.nbytes(unit.out) * unit.share), unit.last))
     return found
+
+
+def _routed_index_saved(ctx: StorageContext, units: list[RoutedUnit], impl: str):
+    """Index tensors routed 3-D experts keep (int64 unless said), with S = T·k pairs.
+    eager (transformers' loop): ``torch.where(mask[e])`` gives each expert its (slot, token)
+    pairs as views of one [n_e, 2] nonzero result, kept by the token gather, the routing-weight
+    gather and index_add: [S, 2] in all. grouped_mm: the token gather keeps ``perm // k`` [S]
+    (when the input needs a gradient), the routing-weight gather ``perm`` [S] (when the weights
+    do), the un-permuting gather ``inv_perm`` [S] (when the weighted output does); both
+    grouped products keep the group offsets [E] int32; a trained per-expert bias gathered by
+    the sorted expert ids keeps those ids [S]."""
+    found = []
+    for unit in (u for u in units if u.copies > 1):
+        pairs, key = unit.pairs(ctx), unit.name
+        inputs, weights = ctx.needs(unit.tokens_in), unit.weights is not None and ctx.needs(unit.weights)
+        weighted = unit.combine is not None and ctx.needs(ctx.graph.nodes[unit.combine].outputs[0])
+        if impl == "eager":
+            if inputs or weights or weighted:
+                found.append((f"routed_pairs@{key}", pairs * 2 * INDEX_BYTES, unit.first))
+            continue
+        if impl == "batched_mm":           # its expert ids are a view of the router's top-k indices
+            found += _gathered_expert_weights(ctx, unit)
+            continue
+        # (name, kept, released at): the combine side is done with when the unit's backward starts
+        kept = [("routed_token_index", inputs, unit.first), ("routed_perm", weights, unit.last),
+                ("routed_inv_perm", weighted, unit.last), ("routed_expert_ids", unit.bias_trains, unit.first)]
+        found += [(f"{name}@{key}", pairs * INDEX_BYTES, release) for name, keep, release in kept if keep]
+        if inputs or weighted or ctx.needs(unit.out):
+            found.append((f"routed_offsets@{key}", unit.copies * 4, unit.first))
+    return found
+
+
+def _gathered_expert_weights(ctx: StorageContext, unit: RoutedUnit) -> list:
+    """batched_mm gathers each pair's expert matrix (``gate_up_proj[expert_ids]``: [S, 2F, D])
+    and multiplies with bmm, which keeps that gathered copy for dX when its input needs a
+    gradient: one copy per 3-D expert weight of the unit, at the weights' dtype."""
+    found = []
+    for index in range(unit.first, unit.last + 1):
+        node = ctx.graph.nodes[index]
+        weight = next((x for x in node.inputs[1:] if x and ctx.is_weight(x) and len(ctx.shape(x) or ()) == 3), None)
+        if node.op == "MatMul" and weight is not None and ctx.needs(node.inputs[0]):
+            shape = ctx.shape(weight)
+            found.append((f"gathered_weight@{weight}", unit.pairs(ctx) * numel(shape) // shape[0] *
+                          ctx.precision.weight, index))
+    return found
+
+
+def _pair_weights_bytes(ctx: StorageContext, unit: RoutedUnit) -> int:
+    """The routing weights the combine product keeps: one per (token, expert) pair, where the
+    dense form shows a [T, E] combine matrix (mostly zeros)."""
+    return unit.pairs(ctx) * ctx.element_bytes(unit.weights)
 
 
 def _merged_weight_saved(ctx: StorageContext, node: Node, adapter) -> list:
@@ -392,10 +554,10 @@ def _merged_weight_saved(ctx: StorageContext, node: Node, adapter) -> list:
 
 
 def _lora_saved(analysis: StepAnalysis, ctx: StorageContext, index: int, plan: Plan) -> list:
-    """PEFT: lora_B(lora_A(dropout(x))) * scale. A's matmul keeps x (or its dropped copy and
-    the mask), B's keeps x·A. An adapter on a fused 3-D expert tensor (``target_parameters``)
-    re-parametrizes the whole tensor as W + B·A in every forward: the merged full-size weight
-    is what the expert matmuls keep for their backward."""
+    """PEFT: lora_B(lora_A(dropout(x))) * scale, x first cast to the adapter's dtype. A's matmul
+    keeps x (or its dropped copy, and dropout its mask), B's keeps x·A. An adapter on a fused 3-D
+    expert tensor (``target_parameters``) re-parametrizes the whole tensor as W + B·A in every
+    forward: the merged full-size weight is what the expert matmuls keep for their backward."""
     adapter = analysis.adapter_at[index]
     node = analysis.model.graph.nodes[index]
     x = node.inputs[0]
@@ -403,24 +565,46 @@ def _lora_saved(analysis: StepAnalysis, ctx: StorageContext, index: int, plan: P
     share = analysis.expert_share.get(index, 1.0)
     rows = round((numel(x_shape) // x_shape[-1] if x_shape else 0) * share)
     act = ctx.precision.activation
-    if ctx.precision.adapter == 4 and act == 2 and not ctx.precision.autocast:
-        # pure half base, fp32 adapters: PEFT casts x to the adapter's dtype, so A keeps an fp32
-        # copy of x and B an fp32 x·A
-        items: list = [Extra(f"lora_xa@{node.name}", rows * adapter.rank * 4)]
-        if plan.lora_dropout <= 0:
-            return items + [Extra(f"lora_x32@{node.name}", rows * adapter.d_in * 4)]
-    else:
-        items = [Extra(f"lora_xa@{node.name}", rows * adapter.rank * act)]
+    # pure half base, fp32 adapters (PEFT's default): x is cast to fp32 first, so A keeps an fp32
+    # x (or dropped x) and B an fp32 x·A; under autocast x stays fp32 through dropout, and A keeps
+    # autocast's half copy of what it multiplies
+    fp32_adapter = ctx.precision.adapter == 4 and act == 2 and not ctx.precision.autocast
+    dropout_dtype = 4 if fp32_adapter or ctx.precision.autocast else act      # bytes dropout runs in
+    items: list = [Extra(f"lora_xa@{node.name}", rows * adapter.rank * (4 if fp32_adapter else act))]
     if plan.lora_dropout > 0:        # A keeps the dropped copy; the mask is kept only if x needs a gradient
-        items.append(Extra(f"lora_drop@{node.name}", rows * adapter.d_in * act))
-        if ctx.needs(x):
-            items.append(Extra(f"lora_mask@{node.name}", rows * adapter.d_in * ctx.mask_bytes))
+        items.append(Extra(f"lora_drop@{node.name}", rows * adapter.d_in * (2 if ctx.precision.autocast
+                                                                             else dropout_dtype)))
+        if ctx.needs(x):             # CUDA's fused dropout keeps a bool mask; the CPU path, the input's dtype
+            mask = 1 if ctx.device == "cuda" else dropout_dtype
+            items.append(Extra(f"lora_mask@{node.name}", rows * adapter.d_in * mask))
+    elif fp32_adapter:
+        items.append(Extra(f"lora_x32@{node.name}", rows * adapter.d_in * 4))
     else:
         items.append(x)      # routed experts: collect_saved turns it into the gathered tokens' copy
     if ctx.precision.autocast:   # autocast's cached half copies of the fp32 adapters: B's feeds dA,
         items.append(Extra(f"autocast@lora_B@{node.name}", adapter.d_out * adapter.rank * 2))
         if ctx.needs(x):         # A's feeds dX
             items.append(Extra(f"autocast@lora_A@{node.name}", adapter.rank * adapter.d_in * 2))
+    return items + (_dora_saved(ctx, node, adapter, rows) if adapter.dora else [])
+
+
+def _dora_saved(ctx: StorageContext, node: Node, adapter, rows: int) -> list:
+    """PEFT's DoRA adds (m/‖W + s·BA‖ - 1)·(x W) + (m/‖W + s·BA‖)·s·B(A(x)) to the base output,
+    the norm detached: the magnitude m's gradient needs both products, so the base output and
+    B's output ([tokens, out] each) stay saved, with the per-output norm and scales (fp32 for
+    PEFT's fp32 adapters). B·A itself is made through an identity matrix and detached: not kept.
+    With LoRA dropout the base product runs again, on the dropped input in the adapter's input
+    dtype, as F.linear(x', W.to(x'.dtype)): it keeps the cast weight for dX when that is a new
+    tensor (an fp32 copy of a half W for fp32 adapters; autocast's half copy of a frozen W)."""
+    fp32_adapter = ctx.precision.adapter == 4 and ctx.precision.activation == 2 and not ctx.precision.autocast
+    adapter_out = 4 if fp32_adapter else ctx.act_bytes("MatMul")
+    base_bytes = adapter_out if adapter.dropout > 0 else ctx.element_bytes(node.outputs[0])
+    items = [Extra(f"dora_base@{node.name}", rows * adapter.d_out * base_bytes),
+             Extra(f"dora_lora@{node.name}", rows * adapter.d_out * adapter_out),
+             Extra(f"dora_scales@{node.name}", 3 * adapter.d_out * ctx.precision.adapter)]  # ‖·‖, m/‖·‖ - 1, m/‖·‖
+    cast_weight = 4 if fp32_adapter else 2 if ctx.precision.autocast else 0
+    if adapter.dropout > 0 and cast_weight and ctx.needs(node.inputs[0]):
+        items.append(Extra(f"dora_weight@{node.name}", adapter.d_in * adapter.d_out * cast_weight))
     return items
 
 

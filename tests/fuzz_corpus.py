@@ -923,7 +923,7 @@ class Outcome:
 
 def allowed_roots() -> list[str]:
     """Where a run may open files besides its model's folder: Python, site-packages, the
-    costlens package (templates), system folders."""
+    costlens package (templates), costlens's graph cache, system folders."""
     import site
     import sysconfig
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(),
@@ -933,6 +933,11 @@ def allowed_roots() -> list[str]:
              str(ROOT / "tests"), str(ROOT / "benchmarks"), os.path.abspath(sys.argv[0] or "."),
              # package metadata of the editable install (importlib.metadata.entry_points scans it)
              str(ROOT / "costlens.egg-info")}
+    # costlens's own graph cache (frontends/graph_cache.py): files named by a SHA-256 of content
+    # costlens derived, never a path the model chose
+    from costlens.frontends.graph_cache import cache_dir
+    if cache_dir() is not None:
+        roots.add(str(cache_dir()))
     user_site = site.getusersitepackages() if hasattr(site, "getusersitepackages") else None
     if user_site:
         roots.add(user_site)

@@ -100,6 +100,28 @@ def test_measured_peak_of_the_chosen_batch_is_within_the_limit():
     assert measured <= memory
 
 
+def test_fit_answer_is_checked_on_the_real_transformers_module():
+    # the limit sits halfway between the estimated peaks of batch 3 and batch 4 (LoRA on the real
+    # LlamaForCausalLM of the corpus config): fit answers 3, the real module's measured step-2
+    # peak at batch 3 is under the limit and the one at batch 4 is over it
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from pathlib import Path
+
+    from costlens.measure.validate import validate_config
+    config = Path(__file__).resolve().parent.parent / "fixtures" / "hf" / "llama.config.json"
+    model = costlens.load(config)
+    setup = Setup(seq=32, attention="eager", optimizer_impl="for-loop")
+    low, high = (peak(model, LORA, batch=b, seq=32, attention="eager") for b in (3, 4))
+    limit = (low + high) // 2
+    assert fit(model, limit, search="batch", plan=LORA, setup=setup).best.result.batch == 3
+
+    def measured(batch: int) -> int:
+        validation = validate_config(config, LORA, replace(setup, batch=batch))
+        return next(c.measured for c in validation.comparisons if c.quantity == "peak bytes")
+    assert measured(3) <= limit < measured(4)
+
+
 def _fit(*args):
     return CliRunner().invoke(main, ["fit", str(FIXTURES / "llama.onnx"), *args])
 

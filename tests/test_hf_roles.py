@@ -4,6 +4,7 @@ torch module's own parameter names (fixtures/hf/build.py), never from costlens."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,74 @@ def test_qwen2_moe_shared_expert_gate_takes_no_adapter():
     for exporter in ("dynamo",):
         result = estimate(_load("qwen2_moe", exporter), parse_plan_spec(f"lora=shared_experts;rank={rank}"), PLAN_SETUP)
         assert result.params.adapter == expected
+
+
+# ------------------------------------------------------------------ MoE configs (issue 9)
+# The config path traces fused experts in dense-dispatch form (every expert on every token,
+# weighed by a [t, E] combine matrix): its roles must equal the truth (the torch module's
+# parameter names) as the exports' do.
+MOE_CONFIGS = sorted(a for a in INDEX["archs"] if _truth(a)["architecture"].get("experts"))
+
+
+@pytest.mark.parametrize("arch", MOE_CONFIGS)
+def test_moe_config_roles_equal_truth(arch):
+    pytest.importorskip("transformers")
+    model = costlens.load(CORPUS / f"{arch}.config.json")
+    truth = _truth(arch)
+    assert {k: v for k, v in model.roles.params_by_role().items() if v} == \
+        {k: v for k, v in truth["params_by_role"].items() if v}
+    assert model.roles.params_total == truth["params_total"]
+    assert model.roles.architecture.experts == truth["architecture"]["experts"]
+    assert (model.roles.architecture.top_k or 0) == truth["architecture"]["top_k"]
+
+
+def test_gpt_oss_config_expert_biases_are_expert_parameters():
+    """gpt-oss's experts hold [E, 2F] and [E, D] biases beside their 3-D weights: in dense
+    dispatch they are added to each expert's product, h[E, t, 2F] + b[E, 1, 2F]."""
+    pytest.importorskip("transformers")
+    model = costlens.load(CORPUS / "gpt_oss.config.json")
+    biases = {u.constant: u for u in model.roles.params if u.constant.endswith("_bias") and "experts" in u.constant}
+    # 2 layers x (gate_up 4 x 128 + down 4 x 64) = 2 x 768 = 1,536
+    assert sum(u.n_params for u in biases.values()) == 1536
+    assert {u.role.value for u in biases.values()} == {"experts"}
+    assert not [b for b in model.roles.buffers if b.endswith("_bias")]
+
+
+def test_phimoe_config_router_is_found_without_topk():
+    """PhiMoE's sparsemixer picks its 2 experts with two ArgMax passes, and dense dispatch picks
+    no expert rows: the ArgMax ids scatter the combine matrix that weighs the experts."""
+    pytest.importorskip("transformers")
+    model = costlens.load(CORPUS / "phimoe.config.json")
+    assert {k: v for k, v in model.roles.params_by_role().items() if v}.get("router") == 2 * 64 * 4   # 2 x [4, 64]
+    assert model.roles.architecture.top_k == 2
+
+
+def test_deepseek_v3_lora_attn_ffn_is_pefts_on_the_named_modules():
+    """`lora-attn-ffn` on DeepSeek-V3 adapts MLA's q_a/q_b/kv_a/kv_b/o projections and the dense
+    first layer's gate/up/down: PEFT's count on exactly those modules. PEFT >= 0.18 under
+    transformers 5 rewrites target names ending in gate_proj/up_proj/down_proj of a qwen2_moe-style
+    model to the fused expert tensors (a shim for v4 checkpoints): with it, the dense MLP loses its
+    adapters and every MoE layer's experts get one, so that shim is switched off here to apply the
+    modules the plan names."""
+    peft = pytest.importorskip("peft")
+    import contextlib
+    import importlib.util
+    from unittest import mock
+
+    import torch
+    import transformers
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in json.loads(
+        (CORPUS / "deepseek_v3.config.json").read_text()).items() if not k.startswith("_")})
+    module = transformers.AutoModelForCausalLM.from_config(config)
+    targets = [name for name, sub in module.named_modules() if isinstance(sub, torch.nn.Linear)
+               and (".self_attn." in name or re.search(r"layers\.\d+\.mlp\.(gate|up|down)_proj$", name))]
+    shim = "peft.utils.transformers_weight_conversion"       # absent from older PEFT, which never retargets
+    with (mock.patch(f"{shim}.convert_peft_config_for_transformers", lambda *args, **kwargs: None)
+          if importlib.util.find_spec(shim) else contextlib.nullcontext()):
+        wrapped = peft.get_peft_model(module, peft.LoraConfig(r=8, target_modules=targets))
+    expected = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    for exporter in ("dynamo", "torchscript"):
+        assert _trainable("deepseek_v3", exporter, "lora-attn-ffn-r8:lora=attn,ffn;rank=8") == expected
 
 
 # ------------------------------------------------------------------ encoder-decoder (issue 16 item 4)

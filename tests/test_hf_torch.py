@@ -13,6 +13,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -110,7 +111,17 @@ def apply_default_plan(module, plan_name: str):
         raise AssertionError(f"no torch recipe for default plan {plan_name!r}")
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=modules,
                         target_parameters=parameters, rank_pattern=rank_pattern)
-    return get_peft_model(module, config)
+    # the plan is these full names, as costlens prices it; on transformers 5 PEFT would rewrite them
+    # for MoE types by their last part (DeepSeek-V3's dense model.layers.0.mlp.gate_proj -> the fused
+    # experts of every layer at rank 16). PEFT imports the function from this module at each call
+    # (peft.tuners.tuners_utils never holds the name), so it is patched here.
+    try:
+        import peft.utils.transformers_weight_conversion  # noqa: F401  (PEFT rewrites on transformers 5 only)
+    except ImportError:
+        return get_peft_model(module, config)
+    with mock.patch("peft.utils.transformers_weight_conversion.convert_peft_config_for_transformers",
+                    lambda *args, **kwargs: None):
+        return get_peft_model(module, config)
 
 
 def _cases():

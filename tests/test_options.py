@@ -101,14 +101,16 @@ INFORMATIONAL = {"as_json": "output format", "tracer": "how a PyTorch source is 
                  "offload": "needs a parallel layout", "shard": "needs --gpus > 1", "ep": "needs experts",
                  "stop_grad": "attn only", "stack_ffn_width": "needs --stack-ffn", "epochs": "needs --dataset-tokens",
                  "price_per_hour": "needs --tokens", "grad_accum": "needs --tokens", "dataset_tokens": "job",
-                 "lora_dropout": "needs --lora", "rank": "needs --lora", "mfu": "needs --gpu"}
+                 "lora_dropout": "needs --lora", "rank": "needs --lora", "dora": "needs --lora (tests/test_dora.py)",
+                 "mfu": "needs --gpu", "loss": "changes half-weight steps only (tests/test_running_dtype.py)"}
 CHANGES = {"train": ["--train", "ffn"], "freeze": ["--freeze", "attn"], "lora": ["--lora", "attn"],
            "batch": ["--batch", "2"], "seq": ["--seq", "48"], "optimizer": ["--optimizer", "sgd"],
            "optimizer_impl": ["--optimizer-impl", "foreach"], "precision": ["--precision", "bf16-mixed"],
            "attention": ["--attention", "fused"], "checkpointing": ["--checkpointing"], "gpu": ["--gpu", "h100"],
            "moe_dispatch": ["--moe-dispatch", "dense"], "dropout": ["--dropout", "0.1"],
            "stack_ffn": ["--stack-ffn", "1"], "gpus": ["--gpus", "2", "--shard", "ddp"], "tp": ["--tp", "2"],
-           "tokens": ["--tokens", "1000"], "base_quant": ["--quant", "nf4"]}
+           "tokens": ["--tokens", "1000"], "base_quant": ["--quant", "nf4"],
+           "experts_impl": ["--experts-impl", "grouped_mm"]}
 
 
 def test_every_plan_option_is_accounted_for():
@@ -119,7 +121,8 @@ def test_every_plan_option_is_accounted_for():
 @pytest.mark.parametrize("name", sorted(CHANGES))
 def test_option_changes_the_document(name):
     import json
-    model = str(FIXTURES / "moe.onnx") if name == "moe_dispatch" else LLAMA    # dispatch needs experts
+    # dispatch needs experts; the experts' implementation, 3-D expert tensors
+    model = {"moe_dispatch": str(FIXTURES / "moe.onnx"), "experts_impl": str(FIXTURES / "moe_fused.onnx")}.get(name, LLAMA)
     common = ["--lora", "attn"] if name == "base_quant" else []                  # a quantized base must be frozen
     base = json.loads(run("plan", model, "--seq", "32", *common, "--json").stdout)
     result = run("plan", model, "--seq", "32", *common, *CHANGES[name], "--json")

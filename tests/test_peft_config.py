@@ -69,6 +69,9 @@ FIXTURE_CASES = [
                                                                                         "mlp.down_proj"], "r": 4}),
     ("gpt2_like", {"target_modules": ["c_attn", "c_proj"], "r": 8}),   # c_proj is attention's o and the MLP's down
     ("gpt2_like", {"target_modules": ["c_attn", "c_fc"], "r": 8, "lora_dropout": 0.1}),
+    # DoRA: PEFT adds a trained magnitude vector per output of every adapted linear
+    ("llama_like", {"target_modules": ["q_proj", "v_proj", "down_proj"], "r": 8, "use_dora": True}),
+    ("gpt2_like", {"target_modules": ["c_attn", "c_fc"], "r": 4, "use_dora": True}),
 ]
 
 
@@ -116,7 +119,7 @@ def test_transformers_llama_from_its_config_json(tmp_path, config):
     ({"target_modules": ["embed_tokens"]}, ["embed_tokens", "linear layers only"]),
     ({"target_modules": ["self_attn"]}, ["layers.0.self_attn (not a linear layer)"]),
     ({"target_modules": ["q_proj"], "modules_to_save": ["input_layernorm"]}, ["modules_to_save", "input_layernorm"]),
-    ({"target_modules": ["q_proj"], "use_dora": True}, ["use_dora"]),
+    ({"target_modules": ["q_proj"], "lora_bias": True}, ["lora_bias"]),
     ({"target_modules": ["q_proj"], "bias": "all"}, ["bias='all'"]),
     ({"peft_type": "IA3", "target_modules": ["q_proj"]}, ["IA3"]),
     ({"target_modules": ["nothing_here"]}, ["matches no module"]),
@@ -202,3 +205,121 @@ def test_compare_prices_peft_configs_beside_the_default_plans(tmp_path):
     same = CliRunner().invoke(main, ["compare", "models:llama_like", "--seq", "32",
                                      "--peft", str(tmp_path / "a"), "--peft", str(tmp_path / "a" / "adapter_config.json")])
     assert same.exit_code == 2 and "peft-a" in same.stderr
+
+
+# --------------------------------------------- transformers 5 MoE: PEFT rewrites the targets first
+HF_CORPUS = Path(__file__).resolve().parent.parent / "fixtures" / "hf"
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_PROJECTIONS = [*ATTENTION, "gate_proj", "up_proj", "down_proj"]
+MIXTRAL_ALL = [*ATTENTION, "w1", "w2", "w3"]          # Mixtral's v4 expert names
+
+
+def corpus_module(arch: str):
+    """The tiny transformers model of a corpus config, random weights on the CPU."""
+    import transformers
+    config = transformers.AutoConfig.for_model(**json.loads((HF_CORPUS / f"{arch}.config.json").read_text()))
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def corpus_plan(arch: str, config: dict):
+    from costlens.peft_config import meta_module
+    path = HF_CORPUS / f"{arch}.config.json"
+    model = costlens.load(path)
+    return model, plan_from_peft(json.loads(json.dumps(config)), model, transformers_model=True,
+                                 module=meta_module(str(path)))
+
+
+# PEFT 0.21 rewrites mixtral and the types it maps to qwen2_moe (deepseek_v3, olmoe, qwen3_moe), not
+# qwen2_moe itself; the rewrite puts gate_up_proj at rank 2r, so the expert down_proj is written at 2r
+# too (rank_pattern) for costlens' one-rank experts target to express it
+REWRITE_CASES = [
+    *[(arch, {"target_modules": ATTENTION, "r": 8}) for arch in ("deepseek_v3", "mixtral", "qwen2_moe", "olmoe",
+                                                                 "qwen3_moe")],
+    ("deepseek_v3", {"target_modules": ALL_PROJECTIONS, "r": 8, "rank_pattern": {"down_proj": 16}}),
+    ("olmoe", {"target_modules": ALL_PROJECTIONS, "r": 8, "rank_pattern": {"down_proj": 16}}),
+    ("qwen3_moe", {"target_modules": [*ALL_PROJECTIONS, "gate"], "r": 8, "rank_pattern": {"down_proj": 16}}),
+    ("mixtral", {"target_modules": MIXTRAL_ALL, "r": 8, "rank_pattern": {"down_proj": 16}}),
+    ("mixtral", {"target_modules": "all-linear", "r": 4, "rank_pattern": {"down_proj": 8}}),
+    ("deepseek_v3", {"target_modules": "all-linear", "r": 4, "rank_pattern": {"down_proj": 8}}),
+]
+
+
+@pytest.mark.parametrize("arch, config", REWRITE_CASES)
+def test_moe_config_counts_what_peft_trains_after_its_rewrite(arch, config):
+    model, result = corpus_plan(arch, config)
+    expected = peft_count(corpus_module(arch), json.loads(json.dumps(config)))
+    assert costlens.estimate(model, result.plan, SEQ).params.trainable == expected
+    rewritten = [n for n in result.notes if "rewrites the targets" in n]
+    assert bool(rewritten) == (config["target_modules"] != ATTENTION)
+    if rewritten and isinstance(config["target_modules"], list):
+        assert "gate_up_proj" in rewritten[0] and ("gate_proj" in rewritten[0] or "w1" in rewritten[0])
+
+
+@pytest.mark.parametrize("arch, targets", [("deepseek_v3", ALL_PROJECTIONS), ("mixtral", MIXTRAL_ALL),
+                                           ("olmoe", ALL_PROJECTIONS), ("qwen3_moe", ALL_PROJECTIONS)])
+def test_rewritten_experts_at_two_ranks_are_refused_with_the_rewrite_named(arch, targets):
+    config = {"target_modules": targets, "r": 8}
+    with pytest.raises(PlanError) as error:
+        corpus_plan(arch, config)
+    # PEFT: gate_up_proj at r16 beside the experts' down_proj at r8; costlens' experts target has one rank
+    assert all(n in str(error.value) for n in ("experts gate_up", "gate_up_proj at rank 16", "rewrites")), \
+        str(error.value)
+    # the names matched as written (the plan before the rewrite) are not what PEFT trains
+    model = costlens.load(HF_CORPUS / f"{arch}.config.json")
+    try:
+        as_written = costlens.estimate(model, plan_from_peft(dict(config), model, transformers_model=True).plan,
+                                       SEQ).params.trainable
+    except PlanError:
+        as_written = None
+    assert as_written != peft_count(corpus_module(arch), config)
+
+
+def test_without_pefts_rewrite_the_names_are_matched_as_written(monkeypatch):
+    import importlib.util
+    import sys
+    from costlens.peft_config import meta_module
+    path = HF_CORPUS / "olmoe.config.json"
+    model, module = costlens.load(path), meta_module(str(path))
+    config = {"target_modules": ALL_PROJECTIONS, "r": 8, "rank_pattern": {"down_proj": 16}}
+    # OLMoE's experts are fused 3-D tensors, so the names as written match its attention only
+    attention_only = peft_count(corpus_module("olmoe"), {"target_modules": ATTENTION, "r": 8})
+    monkeypatch.setitem(sys.modules, "peft.utils.transformers_weight_conversion", None)   # as on transformers 4
+    result = plan_from_peft(dict(config), model, transformers_model=True, module=module)
+    assert not any("rewrites" in n for n in result.notes)
+    assert costlens.estimate(model, result.plan, SEQ).params.trainable == attention_only
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    assert meta_module(str(path)) is None                    # no PEFT: no module built, nothing rewritten
+
+
+def test_onnx_export_of_fused_experts_notes_the_rewrite_it_cannot_run():
+    model = costlens.load(HF_CORPUS / "olmoe.dynamo.onnx")   # the fused tensors renamed (val_353)
+    notes = plan_from_peft({"target_modules": ALL_PROJECTIONS, "r": 8}, model).notes
+    assert any("fused 3-D experts" in n and "gate_proj, up_proj, down_proj" in n for n in notes), notes
+    assert not any("fused" in n for n in plan_from_peft({"target_modules": ATTENTION, "r": 8}, model).notes)
+
+
+def test_cli_peft_on_a_moe_config_prices_pefts_rewrite(tmp_path):
+    config = {"target_modules": ALL_PROJECTIONS, "r": 8, "rank_pattern": {"down_proj": 16}}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["plan", str(HF_CORPUS / "olmoe.config.json"), "--peft", str(tmp_path),
+                                       "--seq", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["plans"][0]["params"]["trainable"] == peft_count(corpus_module("olmoe"), config)
+    assert "rewrites the targets" in result.stderr and "gate_up_proj at rank 16" in result.stderr
+
+
+def test_validate_applies_the_named_plan_on_a_rewritten_moe_type():
+    # DeepSeek-V3's layer 0 is a dense MLP: PEFT's rewrite would move its gate/up/down_proj adapters
+    # to the fused experts; validate must adapt exactly the named modules that were priced
+    module = corpus_module("deepseek_v3")
+    r = 8
+    expected = sum(r * (sub.in_features + sub.out_features) for name, sub in module.named_modules()
+                   if isinstance(sub, torch.nn.Linear) and (".self_attn." in name or
+                                                            name.rsplit(".", 1)[0].endswith(".mlp")))
+    assert any(name.endswith("layers.0.mlp.gate_proj") for name, _ in module.named_modules())
+    result = CliRunner().invoke(main, ["validate", str(HF_CORPUS / "deepseek_v3.config.json"), "--lora", "attn,ffn",
+                                       "--rank", str(r), "--batch", "2", "--seq", "16", "--json"])
+    rows = {row["quantity"]: row for row in json.loads(result.stdout)["comparisons"]}
+    assert rows["trainable params"]["measured"] == rows["trainable params"]["estimated"] == expected

@@ -2,8 +2,9 @@
 
 A ``config.json`` (or a model folder holding one) is read as JSON and turned into the
 architecture's config class; the model is built from it with ``AutoModelForCausalLM`` on the
-meta device, in float32 and with eager attention (so the attention core is visible in the
-trace). Nothing is downloaded — the hub is switched offline before transformers is imported
+meta device, with eager attention (so the attention core is visible in the trace), in float32
+or in the half dtype the plan runs in (``dtype``: HF code upcasts softmax, norms and RoPE to
+fp32 in a half model, and only a half trace shows those casts). Nothing is downloaded — the hub is switched offline before transformers is imported
 and configs with custom code (``auto_map``) are refused — and no weight file is opened.
 
 MoE experts of transformers 5.x (fused 3-D tensors run by ``_grouped_mm`` or a per-token
@@ -129,8 +130,13 @@ def check_config(data: dict, file) -> None:
             raise AbsurdModelError(f"{file}: absurd size: {key} x hidden size = {width * data[key]:,} elements")
 
 
-def build_model(config, source: str = "config"):
-    """The causal-LM module of ``config`` on the meta device (float32, eager attention)."""
+TRACE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_model(config, source: str = "config", dtype: str = "float32"):
+    """The causal-LM module of ``config`` on the meta device (eager attention), its parameters
+    in ``dtype`` as ``from_pretrained(dtype=...)`` makes them: a model that runs in half keeps
+    the fp32 upcasts of its own code (softmax, norms, RoPE) visible as casts in the trace."""
     import torch
     transformers = transformers_offline()
     config = copy.deepcopy(config)
@@ -144,7 +150,7 @@ def build_model(config, source: str = "config"):
     try:
         with torch.device("meta"):
             return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
-                                                                 dtype=torch.float32)
+                                                                 dtype=getattr(torch, dtype))
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{source}: could not build a {model_type} model from its config "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
@@ -178,6 +184,7 @@ def _encoder_decoder_refusal(config, source: str, transformers) -> str:
 
 
 def layer_count(config) -> int | None:
+    """The config's number of decoder blocks, or None when it does not say."""
     value = getattr(config, "num_hidden_layers", None)
     return value if isinstance(value, int) else None
 
@@ -225,23 +232,25 @@ def layer_signature(block) -> tuple:
 
 # --------------------------------------------------------------------------- the front end
 
-def load_config_graph(config, *, source: str = "config", shallow: bool = True):
+def load_config_graph(config, *, source: str = "config", shallow: bool = True, dtype: str = "float32"):
     """The graph IR of the model a config describes. With ``shallow`` (the default) a model
     whose blocks are alike from some block ``p`` on (``p`` = 0 for most; DeepSeek-V3's first
     three blocks are dense, the rest MoE) is traced with ``p + 2`` blocks and the graph
     replicated to full depth (replicate.py); otherwise, or when replication refuses, the
-    full model is traced."""
+    full model is traced. ``dtype``: the parameters' dtype (TRACE_DTYPES), the one that runs."""
+    if dtype not in TRACE_DTYPES:
+        raise ConfigError(f"unknown trace dtype {dtype!r} (choose from {', '.join(TRACE_DTYPES)})")
     from costlens.frontends.replicate import ReplicationError, replicate_blocks
     from costlens.frontends.torch_export import load_torch
 
-    model = build_model(config, source)
+    model = build_model(config, source, dtype)
     layers = layer_count(config)
     container = layer_container(model, layers) if layers else None
     if shallow and layers and container:
         first = _uniform_tail(model, container, layers)
         depth = first + SHALLOW_BLOCKS
         if layers > depth:
-            small = build_model(shallow_config(config, depth), source)
+            small = build_model(shallow_config(config, depth), source, dtype)
             if layer_container(small, depth) == container and all(
                     layer_signature(small.get_submodule(f"{container}.{i}"))
                     == layer_signature(model.get_submodule(f"{container}.{i}")) for i in range(depth)):
@@ -265,7 +274,7 @@ def _uniform_tail(model, container: str, layers: int) -> int:
 
 # --------------------------------------------------------------------------- cached
 
-def load_config_file(source: str | os.PathLike, *, name: str | None = None):
+def load_config_file(source: str | os.PathLike, *, name: str | None = None, dtype: str = "float32"):
     """The graph IR of a ``config.json`` file (or a folder holding one), read from the graph
     cache (graph_cache.py) when this config was traced before by the same code and versions;
     otherwise traced (``load_config_graph``) and stored. Same graph either way."""
@@ -275,10 +284,13 @@ def load_config_file(source: str | os.PathLike, *, name: str | None = None):
 
     name = name or os.fspath(source)
     data, file = read_config_data(source)
-    key = graph_cache.cache_key({"config": data, "shallow_blocks": SHALLOW_BLOCKS, "tracer": "export"})
+    described = {"config": data, "shallow_blocks": SHALLOW_BLOCKS, "tracer": "export"}
+    if dtype != "float32":          # fp32 keys stay as they were: their entries are still valid
+        described["dtype"] = dtype
+    key = graph_cache.cache_key(described)
     cached = graph_cache.load_graph_entry(key)
     if cached is not None:
         return replace(cached, source=name)
-    graph = load_config_graph(config_from_data(data, file), source=name)
+    graph = load_config_graph(config_from_data(data, file), source=name, dtype=dtype)
     graph_cache.store_graph_entry(key, replace(graph, source=""))    # the entry is the same for any path
     return graph

@@ -9,17 +9,14 @@ can, external initializers are handed to it as typed graph inputs instead.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
-import re
 from pathlib import Path
 
 import onnx
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
 from costlens.errors import AbsurdModelError, ModelFormatError, UnsafePathError
+from costlens.frontends.onnx_proto import constant_node_value, external_location, infer_shapes, read_model  # noqa: F401
 from costlens.ir import BATCH, SEQ, Constant, Graph, Node, Tensor, frozen_map
 
 # A dim larger than this, or a weight with more elements than MAX_ELEMENTS, is no real
@@ -51,76 +48,6 @@ def dtype_name(elem_type: int, what: str = "a tensor") -> str:
 
 
 # --------------------------------------------------------------------------- reading
-
-def read_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse the protobuf without external data; every failure becomes a ModelFormatError."""
-    path = Path(path)
-    if path.is_dir():
-        raise ModelFormatError(f"{path}: is a directory, not an ONNX file")
-    if not path.is_file():
-        raise ModelFormatError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise ModelFormatError(f"{path}: empty file, not an ONNX model")
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError, TypeError) as e:
-        raise ModelFormatError(f"{path}: not a readable ONNX model (truncated or corrupted?): {e}") from e
-    if model.ir_version <= 0 or not model.opset_import:
-        raise ModelFormatError(f"{path}: not an ONNX model (no IR version or opset)")
-    if len(model.graph.node) == 0:
-        raise ModelFormatError(f"{path}: the ONNX graph is empty (no nodes)")
-    if len(model.graph.output) == 0:
-        raise ModelFormatError(f"{path}: the ONNX graph has no outputs (nothing is computed)")
-    _check_text(model, path)
-    return model
-
-
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape_unprintable(text: str) -> str:
-    return _UNPRINTABLE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
-
-
-def _check_text(model: onnx.ModelProto, path: Path) -> None:
-    """Every string field (names, op types, domains, external-data locations) is text, and
-    names hold no control characters.
-
-    The upb protobuf runtime hands a string field holding invalid UTF-8 back as ``bytes``
-    (a bit-flipped file); everything downstream expects ``str``. Names with newlines, ANSI
-    escapes or bidi overrides would reach the terminal and the reports: they are rewritten
-    with visible escapes (``\\x1b``), consistently, so the graph stays connected.
-    External-data locations are kept exactly (they are file names). Walked with a stack,
-    not recursion: subgraphs nest."""
-    stack = [model]
-    while stack:
-        message = stack.pop()
-        for field, value in message.ListFields():
-            if field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
-                continue
-            repeated = not (isinstance(value, (str, bytes)) or hasattr(value, "DESCRIPTOR"))
-            values = value if repeated else (value,)
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
-                if field.name != "external_data":
-                    stack.extend(values)
-                continue
-            for i, text in enumerate(values):
-                if not isinstance(text, str):
-                    raise ModelFormatError(f"{path}: corrupted ONNX model: the {field.name} of a "
-                                           f"{message.DESCRIPTOR.name} is not UTF-8 text ({bytes(text[:40])!r})")
-                if _UNPRINTABLE.search(text):
-                    if repeated:
-                        value[i] = _escape_unprintable(text)
-                    else:
-                        setattr(message, field.name, _escape_unprintable(text))
-
-
-def external_location(tensor: TensorProto) -> str | None:
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return None
-    entries = {e.key: e.value for e in tensor.external_data}
-    return entries.get("location", "")
-
 
 def resolve_external_path(model_dir: str | os.PathLike, location: str) -> Path:
     """The file an external-data location names, refusing any path that leaves the model's
@@ -261,6 +188,8 @@ def _attrs_of(node: onnx.NodeProto) -> dict:
 
 
 def canonical_op(node: onnx.NodeProto) -> str:
+    """The IR op name of an ONNX node: its op type, prefixed by its domain outside the default one
+    (``com.microsoft.Attention``)."""
     domain = node.domain
     if domain in ("", "ai.onnx"):
         return node.op_type
@@ -384,86 +313,6 @@ def _check_inferred_dims(tensors: dict, nodes=()) -> None:
                                        f"(shape {list(info.shape)}) after shape inference (corrupted shape constants?)")
 
 
-# --------------------------------------------------------------------------- shapes
-
-def _graph_for_inference(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose external initializers are typed graph inputs, so inference never opens
-    weight files (STYLE pitfall 6)."""
-    prepared = onnx.ModelProto()
-    prepared.CopyFrom(model)
-    graph = prepared.graph
-    keep = []
-    for tensor in graph.initializer:
-        if external_location(tensor) is None:
-            keep.append(tensor)
-            continue
-        graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    del graph.value_info[:]
-    return prepared
-
-
-def _symbolic_shape_inference():
-    """onnxruntime's SymbolicShapeInference, loaded from its file.
-
-    ``import onnxruntime.tools`` runs a package __init__ that imports torch when torch is
-    installed (0.8 s); the inference module itself needs only onnx, numpy and sympy."""
-    global _SSI
-    if _SSI is None:
-        spec = importlib.util.find_spec("onnxruntime")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("onnxruntime is not installed")
-        path = Path(spec.submodule_search_locations[0]) / "tools" / "symbolic_shape_infer.py"
-        module_spec = importlib.util.spec_from_file_location("costlens._ort_symbolic_shape_infer", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        _SSI = module.SymbolicShapeInference
-    return _SSI
-
-
-_SSI = None
-
-
-def _run_symbolic(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """``SymbolicShapeInference.infer_shapes`` (auto_merge, guess_output_rank) without its
-    side effect: when shapes stay incomplete, onnxruntime's version saves the model as
-    ``sym_shape_infer_temp.onnx`` plus an external-data file into the current directory.
-    Here an incomplete result is None (the caller falls back)."""
-    inference_class = _symbolic_shape_inference()
-    opsets = [o.version for o in model.opset_import if o.domain in ("", "onnx", "ai.onnx")]
-    if not opsets or opsets[0] < 7:
-        return None
-    inference = inference_class(2**31 - 1, True, True, 0)
-    # onnxruntime's pass knows ReduceSum's and ReduceMean's axes input but not ReduceMax's
-    # (opset 18 moved every reduction's axes to an input): gpt-oss's sink softmax subtracts a
-    # row max, and an unknown rank there stops the whole pass.
-    for op in ("ReduceMax", "ReduceMin", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp", "ReduceL1"):
-        inference.dispatcher_.setdefault(op, inference._infer_ReduceSum)
-    inference._preprocess(model)
-    complete = False
-    while inference.run_:
-        complete = inference._infer_impl()
-    inference._update_output_from_vi()
-    return inference.out_mp_ if complete else None
-
-
-def infer_shapes(model: onnx.ModelProto, warnings: list) -> onnx.ModelProto:
-    prepared = _graph_for_inference(model)
-    try:
-        inferred = _run_symbolic(prepared)
-        if inferred is not None:
-            return inferred
-        warnings.append("symbolic shape inference gave up; fell back to ONNX shape inference")
-    except Exception as e:  # noqa: BLE001 - any failure of the optional pass falls back
-        warnings.append(f"symbolic shape inference failed ({type(e).__name__}); fell back to ONNX shape inference")
-    try:
-        return onnx.shape_inference.infer_shapes(prepared, strict_mode=False, data_prop=True)
-    except Exception as e:  # noqa: BLE001
-        warnings.append(f"ONNX shape inference failed too ({type(e).__name__}); shapes are partial")
-        return prepared
-
-
 def _dim_of(dim) -> int | str:
     if dim.HasField("dim_value"):
         return int(dim.dim_value)
@@ -485,6 +334,8 @@ def load_onnx(path: str | os.PathLike) -> Graph:
     model = read_model(path)
     model_dir = Path(path).resolve().parent
     warnings: list[str] = []
+    from costlens.frontends.static_shapes import symbolize   # issue 16 item 0: static exports re-bound
+    model = symbolize(model, warnings)
     graph = model.graph
 
     constants: dict[str, Constant] = {}
@@ -527,26 +378,9 @@ def load_onnx(path: str | os.PathLike) -> Graph:
     )
 
 
-def _constant_node_value(proto) -> TensorProto | None:
-    """The tensor a Constant node holds, whichever attribute form it uses."""
-    for attribute in proto.attribute:
-        if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
-            return attribute.t
-        value = onnx.helper.get_attribute_value(attribute)
-        if attribute.name == "value_int":
-            return onnx.helper.make_tensor("", TensorProto.INT64, [], [value])
-        if attribute.name == "value_ints":
-            return onnx.helper.make_tensor("", TensorProto.INT64, [len(value)], list(value))
-        if attribute.name == "value_float":
-            return onnx.helper.make_tensor("", TensorProto.FLOAT, [], [value])
-        if attribute.name == "value_floats":
-            return onnx.helper.make_tensor("", TensorProto.FLOAT, [len(value)], list(value))
-    return None
-
-
 def _fold_constant_node(proto, constants, small_values, model_dir, warnings) -> bool:
     """A Constant node holding a tensor is treated like an initializer."""
-    value = _constant_node_value(proto)
+    value = constant_node_value(proto)
     if value is None or not proto.output:
         return False
     name = proto.output[0]

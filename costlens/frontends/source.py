@@ -21,6 +21,8 @@ SOURCE_KINDS = ("an .onnx file, a Hugging Face config.json or model folder, an i
 
 
 class SourceKind(enum.Enum):
+    """What a MODEL argument is (``classify``), which decides the front end that reads it."""
+
     ONNX = "onnx"                   # an ONNX file (any existing non-JSON file is read as one)
     HF_CONFIG = "hf-config"         # a config.json, or a folder holding one
     IMPORT_SPEC = "import-spec"     # package.module:factory
@@ -95,7 +97,7 @@ def require_torch(source: Source) -> None:
                             "an .onnx file does not")
 
 
-def load_graph(source, *, tracer: str = "export", revision: str | None = None):
+def load_graph(source, *, tracer: str = "export", revision: str | None = None, dtype: str = "float32"):
     """Build the graph IR (costlens.ir.Graph) from a source: an ``.onnx`` file; a Hugging Face
     ``config.json`` or a folder holding one (built on the meta device, never downloaded, no
     weights read); an import spec ``package.module:factory`` (a callable returning an
@@ -103,7 +105,9 @@ def load_graph(source, *, tracer: str = "export", revision: str | None = None):
     (its config.json only, at ``revision``; frontends/hub.py); an ``nn.Module``; or a
     transformers config object. PyTorch sources are traced with ``torch.export``
     (``tracer="export"``) or, for small modules that run on the CPU, TorchScript via fvcore
-    (``tracer="fvcore"``)."""
+    (``tracer="fvcore"``). ``dtype`` ("float32", "bfloat16", "float16"): the parameters' dtype a
+    config or an import spec's meta-built module is traced in (plans.running_dtype of the
+    precision); an .onnx file and a given module keep their own dtypes."""
     if tracer not in ("export", "fvcore"):
         raise CostlensError(f"unknown tracer {tracer!r} (choose export or fvcore)")
     found = classify(source, revision)
@@ -113,9 +117,12 @@ def load_graph(source, *, tracer: str = "export", revision: str | None = None):
         return load_onnx(found.path)
     if found.kind is SourceKind.HF_CONFIG and tracer == "export":      # issue 12: the on-disk graph cache
         from costlens.frontends.hf_config import load_config_file
-        return load_config_file(found.path, name=found.text)
+        return load_config_file(found.path, name=found.text, dtype=dtype)
     module, example_inputs = torch_source(found, revision)
-    return _traced(module, found.text, tracer, example_inputs)
+    if dtype != "float32" and found.kind is SourceKind.IMPORT_SPEC:
+        import torch
+        module = module.to(getattr(torch, dtype))        # built by costlens on the meta device
+    return _traced(module, found.text, tracer, example_inputs, dtype)
 
 
 def torch_source(found: Source, revision: str | None = None):
@@ -133,13 +140,13 @@ def torch_source(found: Source, revision: str | None = None):
     return read_config(found.path), None
 
 
-def _traced(model, name: str, tracer: str, example_inputs=None):
-    """A module or a transformers config through the chosen tracer."""
+def _traced(model, name: str, tracer: str, example_inputs=None, dtype: str = "float32"):
+    """A module or a transformers config (built in ``dtype``) through the chosen tracer."""
     if tracer == "fvcore":
         from costlens.frontends.fvcore_jit import load_fvcore
         return load_fvcore(model, example_inputs, source=name)
     if hasattr(model, "model_type") and not hasattr(model, "forward"):
         from costlens.frontends.hf_config import load_config_graph
-        return load_config_graph(model, source=name)
+        return load_config_graph(model, source=name, dtype=dtype)
     from costlens.frontends.torch_export import load_torch
     return load_torch(model, example_inputs, source=name)

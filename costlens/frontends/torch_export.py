@@ -180,6 +180,8 @@ def _by_name(module: nn.Module, dyn_args: tuple) -> dict:
 
 
 def first_line(error: Exception) -> str:
+    """The first line of an exception's message (at most 300 characters), or its type's name: what
+    one-line errors quote of a failure in torch or in the user's code."""
     text = str(error).strip().splitlines()
     return text[0][:300] if text else type(error).__name__
 

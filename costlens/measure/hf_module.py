@@ -12,9 +12,11 @@ the recipe is applied as people run it, and its real training step is measured b
   parameter half precision, the optimizer steps fp32 master copies (step.MasterCopyOptimizer);
 - attention "eager" runs ``attn_implementation="eager"``, "sdpa" and "fused" run "sdpa"
   (on the CPU torch picks its SDPA kernel; "fused" is the estimator's flash-style pricing);
+- experts: ``experts_implementation=setup.experts_impl`` ("grouped_mm", transformers 5's default,
+  "eager" or "batched_mm") where the model's experts class takes one;
 - checkpointing: ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``;
 - loss "ce" (cross-entropy of the logits against the ids), "hf" (the model's own loss,
-  labels=input_ids); "chunked" is refused (no chunked loss is measured yet);
+  labels=input_ids);
 - the plan's ``dropout`` is written into every dropout probability of the config (0 by
   default, so the estimate and the real module agree on where dropout runs).
 
@@ -155,8 +157,6 @@ def check_recipe(setup, device: str) -> None:
     if getattr(setup, "base_quant", None):
         raise PlanError(f"validate cannot measure --quant {setup.base_quant}: the quantized base needs bitsandbytes "
                         "on a CUDA device (not installed here); the estimate still prices it (costlens plan)")
-    if setup.loss == "chunked":
-        raise PlanError("validate does not measure a chunked loss yet (use --loss ce or hf)")
     if setup.optimizer == "adamw-8bit":
         import importlib.util
         if importlib.util.find_spec("bitsandbytes") is None or device == "cpu":
@@ -209,7 +209,8 @@ def build_real_module(config, setup, dropout: float = 0.0, seed: int = 0):
     # fp32 (RoPE inv_freq) stay fp32; built before PEFT, so its adapters stay fp32 (PEFT's default)
     dtype = torch.bfloat16 if setup.precision == "bf16" else torch.float32
     try:
-        module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
+        module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype,
+                                                               **_experts_kwargs(transformers, config, setup))
     except Exception as e:  # noqa: BLE001 - a config transformers cannot build, in one line
         raise ConfigError(f"could not build the {config.model_type} module ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
@@ -217,6 +218,14 @@ def build_real_module(config, setup, dropout: float = 0.0, seed: int = 0):
     if setup.checkpointing:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return module
+
+
+def _experts_kwargs(transformers, config, setup) -> dict:
+    """``experts_implementation`` of the setup, for a class whose experts take one (transformers'
+    ``@use_experts_implementation``); other classes refuse the keyword and run their own loop."""
+    cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    can_set = getattr(cls, "_can_set_experts_implementation", None)
+    return {"experts_implementation": setup.experts_impl} if can_set is not None and can_set() else {}
 
 
 def to_half_after_plan(module, setup):

@@ -39,9 +39,12 @@ print(json.dumps({"baseline_kib": baseline, "peak_kib": peak, "provider": sessio
 
 @dataclass(frozen=True)
 class InferenceMeasurement:
-    provider: str
-    baseline_bytes: int
-    peak_bytes: int
+    """Resident-set bytes of one onnxruntime run in a fresh process (read in KiB, stored in bytes);
+    ``session_bytes`` is what the session cost, runtime overheads included."""
+
+    provider: str           # the execution provider onnxruntime ran on
+    baseline_bytes: int     # VmRSS after importing onnxruntime, before the session
+    peak_bytes: int         # VmHWM after one run: the process's high-water mark
 
     @property
     def session_bytes(self) -> int:

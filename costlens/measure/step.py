@@ -194,6 +194,9 @@ def measure_step(module: torch.nn.Module, batch: int, seq: int, vocab: int, opti
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, impl: str, lr: float,
                    master_weights: bool = False) -> torch.optim.Optimizer:
+    """The torch optimizer ``name`` (one of OPTIMIZERS, unchecked here: measure_step checks it; any other
+    name builds plain SGD) over ``params``, ``impl`` "foreach" or "for-loop"; with ``master_weights``,
+    stepping fp32 master copies of half-precision parameters."""
     if master_weights:
         return MasterCopyOptimizer(params, lambda masters: make_optimizer(masters, name, impl, lr))
     foreach = impl == "foreach"

@@ -23,6 +23,8 @@ op = rule_table(OPS, "torch implementation")
 
 
 def run_op(node, args: list) -> list:
+    """Run one ONNX node on its input tensors with the torch implementation of its op; the outputs
+    as a list (CostlensError for an op the executor has no implementation of)."""
     fn = OPS.get(node.op)
     if fn is None:
         raise CostlensError(f"the executor cannot run op {node.op!r} (node {node.name!r})")

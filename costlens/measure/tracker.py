@@ -34,6 +34,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 
 class Phase(str, Enum):
+    """The part of a training step the tracked code is in, as the caller names it: a peak is reported
+    with its phase, and a storage's category follows from the phase it was made in."""
+
     OTHER = "other"               # outside any phase the caller named
     FORWARD = "forward"
     LOSS = "loss"
@@ -43,6 +46,8 @@ class Phase(str, Enum):
 
 
 class MemCategory(str, Enum):
+    """What a live storage's bytes are for, the categories the estimate's memory is split into."""
+
     WEIGHTS = "weights"           # parameters (and buffers), registered by the caller
     GRADIENTS = "gradients"       # .grad of parameters
     OPTIMIZER = "optimizer"       # optimizer state (moments, momentum buffers, step counters)

@@ -17,13 +17,15 @@ from costlens.model import Model, analyse
 from costlens.errors import PlanError
 from costlens.estimate import Estimate, estimate
 from costlens.gradients import analyze, expert_token_share
-from costlens.plans import Plan, Setup, check_setup
+from costlens.plans import Plan, Setup, check_setup, running_dtype
 
 FLOP_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
 class Comparison:
+    """One quantity estimated and measured (bytes, FLOPs or parameters) and its tolerance."""
+
     quantity: str
     estimated: int
     measured: int
@@ -44,6 +46,9 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Validation:
+    """A plan's estimate beside a measured training step: each quantity compared, the peak phases,
+    and which truth was measured (the real module, or the costlens executor)."""
+
     plan: Plan
     setup: Setup
     batch: int
@@ -196,15 +201,32 @@ def apply_plan(module, model: Model, result: Estimate):
                 lambda _module, _inputs, output: output.detach())
     if not result.adapters:
         return module
+    import torch
     from peft import LoraConfig, get_peft_model
-    targets = [by_key[a.key].constant for a in result.adapters]
-    linear = [t.rsplit(".", 1)[0] for t, a in zip(targets, result.adapters) if not a.n_experts]
-    tensors = [t for t, a in zip(targets, result.adapters) if a.n_experts]
-    ranks = {**{re.escape(m): a.rank for m, a in zip(linear, [a for a in result.adapters if not a.n_experts])},
-             **{t.rsplit(".", 1)[-1]: a.rank for t, a in zip(tensors, [a for a in result.adapters if a.n_experts])}}
+    from costlens.peft_config import named_targets_only
+    try:
+        from transformers.pytorch_utils import Conv1D      # GPT-2's linear, which PEFT wraps as a module
+    except ImportError:                                    # a plain torch module without transformers
+        Conv1D = torch.nn.Linear
+    linear, tensors, ranks = [], [], {}
+    for adapter in result.adapters:
+        name = by_key[adapter.key].constant
+        layer = name.rsplit(".", 1)[0]
+        # a 3-D expert tensor, or a weight whose module PEFT cannot wrap (a TopKRouter is no nn.Linear):
+        # adapted as the parameter (PEFT's ParamWrapper; same adapter parameters as on a linear)
+        by_parameter = adapter.n_experts or not isinstance(module.get_submodule(layer), (torch.nn.Linear, Conv1D))
+        (tensors if by_parameter else linear).append(name if by_parameter else layer)
+        # PEFT's get_pattern_key matches (.*\.)?(key)$ on the module name (a parameter's: module.param):
+        # the full escaped name gives each adapter its own rank (a layer-scoped rank included)
+        ranks[re.escape(name if by_parameter else layer)] = adapter.rank
     config = LoraConfig(r=result.plan.rank, lora_alpha=result.plan.alpha, lora_dropout=result.plan.lora_dropout,
-                        bias="none", target_modules=linear, target_parameters=tensors, rank_pattern=ranks)
-    wrapped = get_peft_model(module, config)
+                        bias="none", target_modules=linear, target_parameters=tensors, rank_pattern=ranks,
+                        use_dora=result.plan.dora)
+    # the plan priced is this list of full names; on transformers 5 PEFT would rewrite MoE configs by
+    # their last name part (model.layers.0.mlp.gate_proj of a dense layer -> every layer's fused
+    # experts at twice the rank), adapting another plan than the one priced: turned off for this call
+    with named_targets_only():
+        wrapped = get_peft_model(module, config)
     for name, parameter in wrapped.base_model.model.named_parameters():
         if name in trainable:                     # base weights the plan trains beside the adapters
             parameter.requires_grad_(True)
@@ -279,7 +301,7 @@ def validate_config(source, plan: Plan, setup: Setup, dims=None, device: str = "
             raise PlanError("a shrunk model (--tiny, --layers, ...) is priced from its config, not the ONNX file")
         config = shrink_config(config, dims)
     progress("tracing the config")
-    traced = analyse(load_graph(config))
+    traced = analyse(load_graph(config, dtype=running_dtype(setup.precision)))   # the dtype that runs
     by_name = estimate(traced, plan, setup)        # the plan on the module's own parameter names
     result = by_name
     if estimate_from is not None:                  # priced from the exported graph (its names differ:

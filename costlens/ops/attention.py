@@ -24,6 +24,9 @@ from costlens.shapes import numel
 
 
 class AttentionDims(NamedTuple):
+    """A fused attention op's dimensions: counts of sequences and heads, lengths in tokens (``kv_len``
+    includes a KV cache's past), head sizes in elements per head."""
+
     batch: int
     heads: int
     q_len: int
@@ -180,6 +183,8 @@ def _projection_flops(node: Node, ctx) -> int | None:
 
 
 def attention_flops(node: Node, ctx: FlopContext) -> int | None:
+    """Forward FLOPs (2 x MACs) of a fused attention op: scores and context, plus the in-op q/k/v
+    projection where the op holds the weights; None when a dimension is unknown (never guessed)."""
     dims = DIMS[node.op](node, ctx)
     if dims is None:
         return None
@@ -201,6 +206,8 @@ def _needs_qkv(node: Node, needed: Needed) -> tuple[bool, bool, bool]:
 
 
 def attention_backward(node: Node, ctx: FlopContext, needed: Needed, forward_flops: int) -> Backward:
+    """Backward FLOPs (2 x MACs) as eager attention runs it: dQ and dK a scores product each, dProbs a
+    context product when q or k needs a gradient, dV one when v does; an in-op projection adds its dX and dW."""
     dims = DIMS[node.op](node, ctx)
     if dims is None:
         return Backward(0, 0)

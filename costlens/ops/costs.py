@@ -15,6 +15,7 @@ from costlens.shapes import numel
 
 
 def matmul_flops(rows: int, inner: int, cols: int) -> int:
+    """FLOPs (2 x MACs) of a [rows, inner] @ [inner, cols] product; every other formula builds on it."""
     # [rows, inner] @ [inner, cols] -> [rows, cols]: rows*cols dot products of length inner
     return 2 * rows * inner * cols
 
@@ -87,20 +88,33 @@ def parse_einsum(equation: str, shapes: list[tuple[int, ...]]) -> tuple[list[str
 
 
 def lora_flops(tokens: int, rank: int, d_in: int, d_out: int) -> int:
+    """Forward FLOPs (2 x MACs) of one LoRA adapter's x·A·B over ``tokens`` rows (the base product excluded)."""
     # x[T,in] @ A[in,r] -> [T,r]; then @ B[r,out] -> [T,out]
     return matmul_flops(tokens, d_in, rank) + matmul_flops(tokens, rank, d_out)
 
 
+def dora_weight_flops(rank: int, d_in: int, d_out: int) -> int:
+    """FLOPs (2 x MACs) DoRA spends each forward making B·A for its weight norm, independent of the tokens."""
+    # PEFT's DoRA makes B·A each forward as lora_B(lora_A(eye(in))): [in,in] @ A -> [in,r] @ B -> [in,out]
+    return matmul_flops(d_in, d_in, rank) + matmul_flops(d_in, rank, d_out)
+
+
 def attention_core_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int) -> int:
+    """Forward FLOPs (2 x MACs) of attention's two products, Q·Kᵀ and P·V, over the full q_len x kv_len
+    scores (no causal discount, as torch.utils.flop_counter counts them); softmax is not counted."""
     # scores [b,h,q,d] @ [b,h,d,kv] and context [b,h,q,kv] @ [b,h,kv,d]
     return 2 * matmul_flops(batch * heads * q_len, head_dim, kv_len)
 
 
 def routed_expert_flops(tokens: int, top_k: int, per_expert_weight_elements: int) -> int:
+    """Forward FLOPs (2 x MACs) of routed experts: each token runs ``top_k`` experts, whose matrices hold
+    ``per_expert_weight_elements`` elements together (not all E experts' weights)."""
     # each token runs k experts; each expert matrix costs 2 FLOPs per weight element per token
     return 2 * tokens * top_k * per_expert_weight_elements
 
 
 def merged_expert_delta_flops(n_experts: int, rank: int, d_in: int, d_out: int) -> int:
+    """FLOPs (2 x MACs) of one evaluation of W + B·A for every expert of a 3-D weight with LoRA (PEFT's
+    ``target_parameters``), independent of the tokens."""
     # W + B·A per expert as one baddbmm: [E, out, r] @ [E, r, in] -> [E, out, in]
     return matmul_flops(n_experts * d_out, rank, d_in)

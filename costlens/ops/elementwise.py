@@ -83,8 +83,14 @@ def _indexed(node: Node, ctx: SavedContext) -> list:
 
 
 def _input_and_output(node: Node, ctx: SavedContext) -> list:
-    """amax / amin / prod / norm / logsumexp: the backward reads the input and the result."""
-    return [node.inputs[0], node.outputs[0]] if ctx.needs(node.inputs[0]) else []
+    """amax / amin / prod / norm / logsumexp: the backward reads the input and the result. A
+    max / min over one dim that also returns its indices (``x.max(dim)``, ``selects_index``)
+    scatters the gradient through those indices: it keeps them (int64) and nothing else."""
+    if not ctx.needs(node.inputs[0]):
+        return []
+    if node.attr("selects_index", 0):
+        return [Extra(f"indices@{node.name}", numel(ctx.shape(node.outputs[0]) or ()) * 8)]
+    return [node.inputs[0], node.outputs[0]]
 
 
 # --------------------------------------------------------------------------- layout

@@ -22,10 +22,13 @@ def grad_needed(node: Node, operand: str, ctx: SavedContext) -> bool:
 
 
 def is_data(operand: str, ctx: SavedContext) -> bool:
+    """A present operand that is not a weight: saving it costs activation memory (a weight is resident)."""
     return bool(operand) and not ctx.is_weight(operand)
 
 
 def matmul_saved(node: Node, ctx: SavedContext) -> list:
+    """Names of the data operands autograd keeps for a product's backward: each operand the other's
+    gradient reads (A for dB, B for dA); weights are never listed (resident, counted as weights)."""
     a, b = node.inputs[0], node.inputs[1]
     kept = []
     if grad_needed(node, b, ctx) and is_data(a, ctx):
@@ -110,6 +113,8 @@ def _einsum_flops(node: Node, ctx: FlopContext) -> int | None:
 
 
 def conv_saved(node: Node, ctx: SavedContext) -> list:
+    """Names of the data operands a convolution keeps: input and (data) weight whenever any gradient is
+    needed, since torch's one convolution_backward reads both for every gradient."""
     x, w = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 else ""
     wanted = ctx.needs(x) or ctx.trains(node) or (is_data(w, ctx) and ctx.needs(w)) \

@@ -34,6 +34,8 @@ from costlens.ir import Node
 
 
 class Family(str, Enum):
+    """An op's kind, for reports only: nothing dispatches on it (each op's Rule says what it costs)."""
+
     SHAPE = "shape"              # metadata or layout only: no arithmetic, no saved tensors
     ELEMENTWISE = "elementwise"  # one result per output element
     ACTIVATION = "activation"    # elementwise nonlinearity (saves its input or output)
@@ -78,16 +80,23 @@ class Needed(NamedTuple):
 
 
 class Backward(NamedTuple):
+    """Backward FLOPs (2 x MACs) of one node, split as reports show them: dX and dW."""
+
     input: int                # FLOPs of the input gradients (backward_input)
     weight: int               # FLOPs of the weight gradients (backward_weight)
 
 
 class FlopContext(Protocol):
+    """What a FLOP rule may ask about a node's tensors: shapes in elements per dim, and weight or data."""
+
     def shape(self, tensor: str) -> tuple[int, ...] | None: ...   # concrete (batch, seq bound), constants too
     def is_weight(self, tensor: str) -> bool: ...                  # computed from constants alone
 
 
 class SavedContext(Protocol):
+    """What a saved-tensor rule may ask: which tensors need gradients, which weights train, and the
+    precision's bytes per element (of activations, fp32 statistics and weights)."""
+
     def needs(self, tensor: str) -> bool: ...            # an activation that needs a gradient
     def receives(self, tensor: str) -> bool: ...         # ... and gets one from the loss in backward
     def is_weight(self, tensor: str) -> bool: ...        # computed from constants alone
@@ -112,6 +121,9 @@ WeightFlopFn = Callable[[Node, FlopContext, str, int], int]
 
 @dataclass(frozen=True)
 class Rule:
+    """One op's cost rule: forward and backward FLOPs (2 x MACs), tensors saved for backward, and
+    backward transient bytes; a facet with nothing to compute is a ``Zero`` with its reason."""
+
     op: str
     family: Family
     flops: FlopFn | Zero
@@ -170,6 +182,7 @@ def rule(*ops: str, family: Family, saved: SavedFn | Zero, backward: BackwardFn 
 
 
 def lookup(op: str) -> Rule | None:
+    """The rule of ``op``, None when it has none (the caller reports the op as unknown, never prices it 0)."""
     return _RULES.get(op)
 
 

@@ -65,7 +65,7 @@ def estimate_parallel(result: Estimate, gpus: int, shard: str = "ddp", tp: int =
     shard = "none" if dp == 1 and shard in ("ddp", "zero1", "zero2", "zero3") and gpus == 1 else shard
     model, setup = result.model, result.setup
     analysis = analyze(model, result.plan, {"batch": result.batch, "seq": result.seq},
-                       routed=setup.moe_dispatch == "routed")
+                       routed=setup.moe_dispatch == "routed", input_grads=setup.checkpointing)
     rank = RankLayout(analysis, setup, shard, dp, tp, ep)
     walk = Timeline(analysis, result, rank, tp)
     memory = walk.memory(offload)

@@ -51,7 +51,7 @@ def deepspeed_states(result: Estimate, gpus: int, stage: int, reduce_bucket_size
         raise ValueError(f"DeepSpeed ZeRO stage {stage}: 1, 2 or 3")
     precision = Precision.of(result.setup.precision)
     analysis = analyze(result.model, result.plan, {"batch": result.batch, "seq": result.seq},
-                       routed=result.setup.moe_dispatch == "routed")
+                       routed=result.setup.moe_dispatch == "routed", input_grads=result.setup.checkpointing)
     tensors = tensors_of(analysis, 1)
     n_all = sum(prod(t.shape) for t in tensors)
     n_trainable = sum(prod(t.shape) for t in tensors if t.trainable)

@@ -39,6 +39,11 @@ def tensors_of(analysis: StepAnalysis, tp: int, ep: int = 1) -> list[Tensor]:
     experts another rank holds are left out (rank 0 holds the first ceil(E/ep) of each layer)."""
     roles = analysis.model.roles
     index_of = {n.name: i for i, n in enumerate(analysis.model.graph.nodes)}
+    # a tied weight (GPT-2's wte = lm_head) gets its gradient at the use backward reaches first,
+    # the last in forward (the LM head), and holds it from there to the end of backward
+    last_use: dict[str, int] = {}
+    for use in roles.params:
+        last_use[use.constant] = max(last_use.get(use.constant, -1), index_of[use.site])
     found = []
     elsewhere: set[str] = set()
     seen: dict[tuple, int] = {}          # (layer, kind) -> per-expert tensors met so far: the expert's index
@@ -54,7 +59,7 @@ def tensors_of(analysis: StepAnalysis, tp: int, ep: int = 1) -> list[Tensor]:
         if tp > 1 and use.role in SPLIT_ROLES:
             split = "col" if use.kind in COLWISE_KINDS else "row" if use.kind in ROWWISE_KINDS else None
         found.append(Tensor(use.layer, use.shape, use.key in analysis.trainable, split, use.n_experts,
-                            index_of[use.site]))
+                            last_use[use.constant]))
     by_key = {u.key: u for u in roles.params}
     for adapter in analysis.adapters:
         if adapter.key in elsewhere:

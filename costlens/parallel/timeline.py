@@ -46,9 +46,9 @@ class Timeline:
         self.saved = {k: SavedStorage(self._local(k, v.n_bytes), v.release) for k, v in saved.items()}
         checkpointing = result.setup.checkpointing
         self.layer_items, self.layer_keys = _checkpointed(analysis, self.saved) if checkpointing else ({}, set())
+        if checkpointing:     # held from the forward, each freed as its layer's backward ends
+            self.saved.update(_layer_inputs(analysis, self.ctx))
         self.held = sum(v.n_bytes for k, v in self.saved.items() if k not in self.layer_keys)
-        if checkpointing:
-            self.held += _layer_inputs(analysis, self.ctx)
 
     def _local(self, key: str, n_bytes: int) -> int:
         return n_bytes // self.tp if key in self.split else n_bytes
@@ -79,8 +79,13 @@ class Timeline:
             gathered = r.unsharded[None] + (r.gathered[r.last] if r.last is not None else 0)
         elif r.shard == "zero2":
             gathered = sum(r.unsharded.values()) + (r.gathered[r.last] if r.last is not None else 0)
-        # the end of forward: the logits exist, the loss's log-softmax not yet
-        phases = {"forward": base + gathered + self.held - self.saved["loss:log_softmax"].n_bytes + self.logits}
+        # the end of forward: the logits exist, the loss's log-softmax not yet; with the model's own
+        # loss ("hf") it is taken inside forward, while the root's last all-gather buffer is alive
+        # (and half logits get HF's logits.float() copy, as memory.py prices it)
+        log_softmax = self.saved["loss:log_softmax"].n_bytes
+        in_forward = log_softmax + (log_softmax if log_softmax > self.logits else 0) if self.setup.loss == "hf" else 0
+        phases = {"forward": base + gathered + self.held - log_softmax + in_forward + self.logits
+                  + self._head_input_unsaved()}
         phases["backward"], at_peak = self._backward(base)
         temporaries = 0 if offload else r.temporaries
         phases["optimizer"] = base + r.grads + temporaries
@@ -88,6 +93,18 @@ class Timeline:
         transient = {"forward": gathered, "backward": at_peak, "optimizer": 0}[phase]
         return RankMemory(weights, r.grads, optimizer, self.held, r.buckets,
                           transient if sharded else 0, phases[phase], phase, host)
+
+    def _head_input_unsaved(self) -> int:
+        """Bytes of the LM head's input when autograd does not save it (a frozen head): when the
+        logits exist it is still alive, held by the causal-LM forward (HF's ``outputs``) until
+        that returns; a trainable head saves it, so it is already among the saved storages."""
+        graph, ctx = self.analysis.model.graph, self.ctx
+        head = ctx.producer(ctx.storage(graph.outputs[0]))
+        if head is None:
+            return 0
+        data = [x for x in head.inputs if x and not ctx.is_weight(x) and x not in graph.inputs]
+        roots = {ctx.storage(x) for x in data}
+        return sum(ctx.nbytes(r) for r in roots if r not in self.saved)
 
     def _backward(self, base: int) -> tuple[int, int]:
         """(peak, unsharded bytes at it) of the backward walk."""

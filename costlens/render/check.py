@@ -63,6 +63,7 @@ def _summary(verdicts: tuple[Verdict, ...]) -> str:
 
 
 def check_text(verdicts: tuple[Verdict, ...], model: str, budget: str) -> str:
+    """One line per limit, violations first (so a CI log shows them on top), then a summary line."""
     ordered = sorted(verdicts, key=lambda v: v.passed)          # violations first, stable otherwise
     return "\n".join([*(verdict_line(v) for v in ordered), f"costlens check: {_summary(verdicts)} "
                       f"(model {model}, budget {budget})"])
@@ -85,6 +86,7 @@ def check_document(verdicts: tuple[Verdict, ...], model: str, budget: str, setup
 
 
 def check_json(verdicts: tuple[Verdict, ...], model: str, budget: str, setup: dict) -> str:
+    """``check_document`` as indented JSON text."""
     return json.dumps(check_document(verdicts, model, budget, setup), indent=2)
 
 
@@ -112,6 +114,7 @@ def _cell(text: str) -> str:
 
 
 def check_markdown(verdicts: tuple[Verdict, ...], model: str, budget: str) -> str:
+    """A Markdown table of the verdicts, violations first, for a pull-request comment."""
     failed = sum(not v.passed for v in verdicts)
     mark = "❌" if failed else "✅"
     lines = [f"### {mark} costlens budget check: {_summary(verdicts)}", "",

@@ -68,6 +68,8 @@ def _limit_line(document: dict) -> str:
 
 
 def answer_line(document: dict) -> str:
+    """The answer of a costlens.fit/1 document in one line: the largest batch/seq or the cheapest plan
+    with its peak (bytes, shown in GiB/MiB); when nothing fits, the smallest peak that was priced."""
     answer, search = document["answer"], document["search"]
     if answer is None:
         closest = min(document["probes"], key=lambda p: p["peak_bytes"])
@@ -90,6 +92,8 @@ def _describe(entry: dict) -> str:
 
 
 def fit_text(document: dict) -> str:
+    """A costlens.fit/1 document as text: the limit, one table row per probe (memory in bytes, FLOPs per
+    step, seconds per step when timed), and the answer."""
     search = document["search"]
     timed = any(p["seconds_per_step"] is not None for p in document["probes"])
     rows = []

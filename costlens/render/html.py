@@ -38,6 +38,8 @@ NA = "n/a"
 
 
 def environment() -> jinja2.Environment:
+    """The jinja2 environment over TEMPLATES: autoescaped (a model's names may hold markup) and strict
+    (an undefined variable is an error, not an empty cell)."""
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                               undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
@@ -51,6 +53,8 @@ def render_html(document: dict, verdicts: tuple[Verdict, ...] = (), gpu: str | N
 
 @dataclass(frozen=True)
 class Segment:
+    """One part of a stacked bar; ``x`` and ``width`` in SVG user units (pixels of the chart)."""
+
     x: float
     width: float
     part: str           # CSS class: weights, gradients, ..., forward, backward_input, ...
@@ -59,6 +63,9 @@ class Segment:
 
 @dataclass(frozen=True)
 class Bar:
+    """One plan's stacked bar; positions (``y``, ``total_x``, ``marker_x``) in SVG pixels, ``total``
+    the label at its end (the formatted sum, or the step peak on the memory chart)."""
+
     label: str
     y: float
     segments: tuple[Segment, ...]
@@ -70,6 +77,9 @@ class Bar:
 
 @dataclass(frozen=True)
 class Chart:
+    """A horizontal stacked-bar chart (memory or FLOPs per plan); sizes and positions in SVG pixels,
+    ``ticks`` as (x, label)."""
+
     width: int
     height: int
     left: int                          # x where bars start (labels sit left of it)
@@ -84,6 +94,8 @@ class Chart:
 
 @dataclass(frozen=True)
 class PlanRow:
+    """One plan's row of the summary table, every figure already formatted (params, bytes, FLOPs, seconds)."""
+
     name: str
     spec: str
     trainable: str
@@ -103,6 +115,9 @@ class PlanRow:
 
 @dataclass(frozen=True)
 class LayerTable:
+    """Trainable parameters and saved activation bytes per layer and plan (without per-layer data:
+    trainable parameters per role), each cell formatted as (text, tensor names)."""
+
     per_layer: bool                     # False: the document has no per-layer data; rows are roles
     columns: tuple[str, ...]
     rows: tuple[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], ...]   # (label, ((text, tensors), ...))
@@ -110,6 +125,8 @@ class LayerTable:
 
 @dataclass(frozen=True)
 class Report:
+    """The view-model of the report page: every figure formatted as text, so the templates only lay it out."""
+
     title: str
     source: str
     schema: str
@@ -135,6 +152,8 @@ class Report:
 
 
 def report_view(document: dict, verdicts: tuple[Verdict, ...] = (), gpu: str | None = None) -> Report:
+    """The Report of a costlens.plan/1 document and its budget verdicts; ``gpu`` (else the document's
+    setup.gpu) draws the memory line and the fits column."""
     model, setup, plans = document["model"], document.get("setup") or {}, document["plans"]
     accelerator = gpus.gpu(gpu or setup.get("gpu")) if (gpu or setup.get("gpu")) else None
     total = model["params_total"]
@@ -180,7 +199,8 @@ def _job_line(setup: dict) -> str:
 
 
 def _setup_items(setup: dict, accelerator) -> tuple[tuple[str, str], ...]:
-    keys = ("batch", "seq", "optimizer", "optimizer_impl", "precision", "attention", "checkpointing", "mfu")
+    keys = ("batch", "seq", "optimizer", "optimizer_impl", "precision", "attention", "loss", "experts_impl",
+            "checkpointing", "mfu")
     items = [(key, NA if setup.get(key) is None else _text(setup[key])) for key in keys]
     if "base_quant" in setup:        # None: the base weights are not quantized
         items.append(("base weights", f"quantized {setup['base_quant']}" if setup["base_quant"] else "not quantized"))

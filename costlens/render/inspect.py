@@ -33,6 +33,8 @@ def _by_role(uses) -> dict[str, int]:
 
 
 def inspect_document(model: Model) -> dict:
+    """The costlens.inspect/1 document: parameter counts (elements) by role, per layer and per tensor,
+    the architecture, tied weights (counted once) and what could not be classified."""
     roles = model.roles
     n_layers = roles.architecture.layers
     layers = []
@@ -77,6 +79,8 @@ def _architecture_line(arch: dict) -> str:
 
 
 def inspect_text(document: dict) -> str:
+    """A costlens.inspect/1 document as text: parameters by role and by layer, then ties, unmatched
+    parameters and warnings (read from the document, so text and JSON never disagree)."""
     total = document["params_total"]
     lines = [f"Model: {document['model']['source']}",
              f"Architecture: {_architecture_line(document['architecture'])}",

@@ -108,14 +108,17 @@ def _plan_document(model: Model, results: list[tuple[str, Estimate]]) -> dict:
                   "incomplete": model.incomplete, "unknown_ops": dict(model.unknown_ops)},
         "setup": {"batch": first.batch, "seq": first.seq, "optimizer": first.setup.optimizer,
                   "optimizer_impl": first.setup.optimizer_impl, "precision": first.setup.precision,
-                  "attention": first.setup.attention, "checkpointing": first.setup.checkpointing,
-                  "gpu": first.setup.gpu, "mfu": first.setup.mfu, "gpus": first.setup.gpus,
+                  "attention": first.setup.attention, "loss": first.setup.loss,
+                  "experts_impl": first.setup.experts_impl,
+                  "checkpointing": first.setup.checkpointing, "gpu": first.setup.gpu, "mfu": first.setup.mfu, "gpus": first.setup.gpus,
                   "base_quant": first.setup.base_quant},
         "plans": [_plan_entry(result, spec, result.model or model) for spec, result in results],
     }
 
 
 def plan_text(document: dict) -> str:
+    """A costlens.plan/1 document as text: the setup, one row per plan (trainable parameters, memory
+    in bytes by category and at the peak, step FLOPs, seconds per step with a GPU), then the notes."""
     rows = []
     timed = any(plan.get("time") for plan in document["plans"])
     for plan in document["plans"]:
@@ -131,7 +134,10 @@ def plan_text(document: dict) -> str:
     header = (f"Model: {document['model']['source']}\n"
               f"batch {setup['batch']}, seq {setup['seq']}, {setup['optimizer']} ({setup['optimizer_impl']}), "
               f"{setup['precision']}, "
-              f"{setup['attention']} attention" + (", checkpointing" if setup["checkpointing"] else "")
+              f"{setup['attention']} attention" + (f", {setup['loss']} loss" if setup.get("loss", "ce") != "ce" else "")
+              + (f", {setup['experts_impl']} experts" if setup.get("experts_impl")
+                 and document["model"]["params_by_role"].get("experts") else "")
+              + (", checkpointing" if setup["checkpointing"] else "")
               + (f", {setup['base_quant']} base weights" if setup.get("base_quant") else "")
               + (f", {setup['gpu']} at {setup['mfu']:.0%} MFU" if setup["gpu"] else ""))
     derived = setup.get("derived") or {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 def params(n: int) -> str:
+    """A parameter count with a decimal prefix, two decimals: 6738415616 -> "6.74B" (never GiB-style 2^30)."""
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{suffix}"
@@ -12,6 +13,7 @@ def params(n: int) -> str:
 
 
 def nbytes(n: int) -> str:
+    """Bytes with a binary prefix, two decimals: 2**31 -> "2.00 GiB"; below 1 KiB, "512 B"."""
     for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {suffix}"
@@ -19,6 +21,7 @@ def nbytes(n: int) -> str:
 
 
 def flops(n: int) -> str:
+    """FLOPs (2 x MACs) with a decimal prefix from MFLOP up: 3.2e15 -> "3.20 PFLOP"; smaller, "840 FLOP"."""
     for scale, suffix in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {suffix}"
@@ -34,6 +37,7 @@ def share(part: int, whole: int) -> str:
 
 
 def seconds(value: float) -> str:
+    """A duration given in seconds, three significant figures in a readable unit (h, min, s, ms, µs, ns)."""
     for scale, suffix in ((3600, "h"), (60, "min"), (1, "s"), (1e-3, "ms"), (1e-6, "µs")):
         if value >= scale:
             return f"{value / scale:.3g} {suffix}"

@@ -9,6 +9,8 @@ VALIDATE_SCHEMA = "costlens.validate/1"
 
 
 def validation_document(result: Validation, source: str, spec: str) -> dict:
+    """The costlens.validate/1 document: each quantity estimated vs measured (in its own unit: bytes,
+    FLOPs or parameters), its relative error and tolerance, and the peak phase of each."""
     setup = result.setup
     return {
         "schema": VALIDATE_SCHEMA,
@@ -36,6 +38,7 @@ def _tolerance(value) -> str:
 
 
 def validation_text(document: dict) -> str:
+    """A costlens.validate/1 document as a table: estimated, measured, relative error, tolerance, verdict."""
     rows = [[c["quantity"], f"{c['estimated']:,}", f"{c['measured']:,}", f"{100 * c['error']:+.2f}%",
              _tolerance(c["tolerance"]), "-" if c["tolerance"] is None else "ok" if c["ok"] else "OUTSIDE"]
             for c in document["comparisons"]]

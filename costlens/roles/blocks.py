@@ -47,6 +47,8 @@ GROUP_ROUTING_OPS = frozenset({"ReduceSum", "ScatterElements", "ScatterND", "Uns
                                "Not", "Equal", "Cast", "Mul", "Add", "ConstantOfShape", "Concat", "Shape", "Flatten",
                                "TopK", "Sub", "Greater", "Less"})
 GROUP_ROUTING_DEPTH = 16
+# From routed ids to the combine matrix that weighs each expert's output (dense dispatch)
+COMBINE_PATH_OPS = frozenset({"Concat", "ScatterElements", "Transpose", "Unsqueeze", "Reshape", "Cast", "Identity"})
 SPARSEMIXER_OPS = frozenset({"ReduceMax", "Abs", "Max", "Sub", "Div", "Greater", "Where", "ScatterElements"})
 HEAD_PATH_OPS = frozenset({"Cast", "Reshape", "Add", "Transpose", "Identity", "Div", "Tanh", "Mul", "Squeeze"})
 ACTIVATION_OPS = {
@@ -68,7 +70,10 @@ TRACE_BACK_OPS = frozenset({"Add", "Split", "Slice", "Reshape", "Cast", "Transpo
 
 @dataclass(frozen=True)
 class AttentionCore:
-    kind: str
+    """One attention found in the graph: a Softmax between two activation x activation MatMuls
+    (``kind`` "eager") or one fused op (``kind`` its op name without domain, e.g. "Attention")."""
+
+    kind: str                   # "eager" or the fused op's name; node fields index graph.nodes
     score_node: int | None
     softmax_node: int | None
     context_node: int | None
@@ -241,7 +246,7 @@ class BlockFinder:
                     frontier.extend((o, level + 1) for o in node.outputs if o)
         if first_topk is not None:
             return first_topk
-        if argmaxes and self._picks_experts(argmaxes):
+        if argmaxes and (self._picks_experts(argmaxes) or self._weighs_experts(argmaxes, site)):
             return min(argmaxes), len(argmaxes)
         return None
 
@@ -273,6 +278,34 @@ class BlockFinder:
                 seen.add(index)
                 frontier.extend(self.view.data_inputs(index))
         return False
+
+    def _weighs_experts(self, argmaxes: list[int], site: int, depth: int = 8) -> bool:
+        """Dense dispatch (every expert on every token, costlens's trace of fused experts): do
+        these ArgMax indices scatter the combine matrix [t, E] that weighs the products of a 3-D
+        expert tensor [E, ., .] with E = the router's width?"""
+        width = self.out_features(site)
+        frontier = [(self.view.nodes[i].outputs[0], 0) for i in argmaxes]
+        seen: set[int] = set()
+        while frontier:
+            name, level = frontier.pop()
+            for index in self.view.consumer_nodes(name):
+                node = self.view.nodes[index]
+                if index in seen or level > depth or index in self.linear_sites:
+                    continue
+                seen.add(index)
+                if node.op == "Mul" and width and any(self._is_expert_product(x, width) for x in node.inputs if x != name):
+                    return True
+                if node.op in COMBINE_PATH_OPS and not (node.op == "ScatterElements" and node.inputs[0] == name):
+                    frontier.extend((o, level + 1) for o in node.outputs if o)
+        return False
+
+    def _is_expert_product(self, tensor: str, experts: int) -> bool:
+        """Is ``tensor`` a linear's product with a 3-D constant of ``experts`` leading rows?"""
+        index = self.view.producer.get(tensor)
+        if index is None or index not in self.linear_sites:
+            return False
+        shapes = (self.view.graph.constants[c].shape for c in self.view.constants_at.get(index, ()))
+        return any(len(shape) == 3 and shape[0] == experts for shape in shapes)
 
     def routing_tensors(self, site: int, topk: int | None, depth: int = 10) -> set[str]:
         """Tensors derived from a router's decision (combine weights), not crossing linears."""

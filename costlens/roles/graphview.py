@@ -44,6 +44,9 @@ class UseSite:
 
 
 class GraphView:
+    """A Graph with its producer and consumer indexes and its data / dynamic tensor sets, built once
+    so that every structural search asks the same questions without rescanning the nodes."""
+
     def __init__(self, graph: Graph):
         self.graph = graph
         self.nodes = graph.nodes

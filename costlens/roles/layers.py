@@ -56,7 +56,8 @@ def is_linear_output(view: GraphView, tensor: str, depth: int = 4) -> bool:
         node = view.nodes[index]
         data = view.data_inputs(index)
         if node.op in LINEAR_OPS:
-            return any(x in view.graph.constants for x in node.inputs if x)
+            # the weight may reach the product through a view of it (torch.export transposes it)
+            return any(x and not view.is_data(x) for x in node.inputs)
         if node.op not in ("Reshape", "Cast", "Identity", "Transpose", "Add") or len(data) != 1:
             return False
         tensor = data[0]
@@ -80,6 +81,8 @@ def _stream_after_parallel_sum(view: GraphView, tensor: str, depth: int = 3) -> 
 
 
 def is_norm_output(view: GraphView, tensor: str, norm_sites: set[int]) -> bool:
+    """Whether ``tensor`` is a normalization's output: a norm op's first output, or the output of a node
+    in ``norm_sites`` (where a written-out norm applies its weight)."""
     index = view.producer.get(tensor)
     if index is None:
         return False

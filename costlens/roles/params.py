@@ -23,6 +23,9 @@ FUSED_MOE = frozenset({"com.microsoft.MoE", "com.microsoft.QMoE", "com.microsoft
 
 
 class SiteKind(Enum):
+    """What a constant is where it meets data: which decides whether it is a parameter (and its role)
+    or a buffer that gets no gradient."""
+
     LINEAR = "linear"              # weight of a matmul
     BIAS = "bias"                  # added to a linear's output
     EMBED_TOKEN = "token"
@@ -50,6 +53,8 @@ FUSED_SLOTS.update({
 
 @dataclass(frozen=True)
 class ParamSite:
+    """One use site of a constant and its kind; ``linear_node`` indexes graph.nodes."""
+
     site: UseSite
     kind: SiteKind
     linear_node: int | None = None   # for BIAS: the linear it belongs to; for LINEAR: the site itself
@@ -61,6 +66,8 @@ def classify_sites(view: GraphView) -> dict[str, list[ParamSite]]:
 
 
 def classify(view: GraphView, site: UseSite) -> ParamSite:
+    """The kind of one use site, from the op it meets and the input slot: a scalar, a table mixed with
+    positions, or a constant no gradient reaches is a BUFFER, never a parameter; UNKNOWN when no rule fits."""
     node = view.nodes[site.node]
     const = view.graph.constants[site.constant]
     others = [x for i, x in enumerate(node.inputs) if i != site.slot and x and view.is_data(x)]
@@ -98,6 +105,8 @@ def classify(view: GraphView, site: UseSite) -> ParamSite:
         return ParamSite(site, SiteKind.NORM)
     if node.op == "Concat" and _is_vector(const.shape) and _reaches_softmax(view, site.node):
         return ParamSite(site, SiteKind.ATTENTION_SINK)    # a learned logit per head beside the scores
+    if node.op == "Add" and len(others) == 1 and _adds_to_expert_product(view, const.shape, others[0]):
+        return ParamSite(site, SiteKind.EXPERT_BIAS)        # dense-dispatch experts: h[E, t, out] + b[E, 1, out]
     if node.op in ELEMENTWISE and others and _adds_to_token_embedding(view, node, others):
         return ParamSite(site, SiteKind.EMBED_POSITION)   # a static export's sliced position table
     if node.op in MIXING_OPS:
@@ -138,6 +147,18 @@ def _adds_to_token_embedding(view: GraphView, node, others: list[str]) -> bool:
             return False
         tensor = data[0]
     return False
+
+
+def _adds_to_expert_product(view: GraphView, shape: tuple[int, ...], tensor: str) -> bool:
+    """Is ``tensor`` the product of data with a 3-D expert tensor [E, in, out] (or [E, out, in])
+    and ``shape`` an [E, out] table, one bias row per expert? The expert count and the output
+    width must both match: a position table of the same rank does not."""
+    index = _linear_producer(view, tensor)
+    out_shape = view.graph.shape(tensor)
+    if index is None or len(shape) != 2 or not out_shape or out_shape[-1] != shape[-1]:
+        return False
+    return any(len(view.graph.constants[name].shape) == 3 and view.graph.constants[name].shape[0] == shape[0]
+               for name in view.constants_at.get(index, ()))
 
 
 def _is_vector(shape: tuple[int, ...]) -> bool:

@@ -9,6 +9,8 @@ from costlens.roles.types import Architecture, FFNUnit, Role
 
 
 def summarize(view: GraphView, params, attentions, routers, units, entries, norm_sites) -> Architecture:
+    """The Architecture of located roles: widths read from the weights' shapes (elements), counts from
+    the blocks found; the first attention, FFN (else expert) unit and router stand for every layer."""
     token = next((p for p in params if p.role is Role.EMBEDDING and p.kind == "token"), None)
     head = next((p for p in params if p.role is Role.LM_HEAD), None)
     first_attention = attentions[0] if attentions else None

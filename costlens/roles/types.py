@@ -6,6 +6,8 @@ from enum import Enum
 
 
 class Role(str, Enum):
+    """What a parameter does in the model: the unit plans train, freeze or adapt by (``--lora attn,ffn``)."""
+
     ATTENTION = "attention"
     FFN = "ffn"
     ROUTER = "router"
@@ -45,6 +47,9 @@ class ParamUse:
 
 @dataclass(frozen=True)
 class AttentionBlock:
+    """One layer's attention: its core nodes and the q/k/v/o linear sites (indices into graph.nodes);
+    ``heads`` and ``kv_heads`` are counts, ``head_dim`` elements per head (None where not read)."""
+
     layer: int
     kind: str                       # "eager" (MatMul-Softmax-MatMul) or the fused op's name
     score_node: int | None          # Q·Kᵀ MatMul (eager) or the fused op
@@ -61,6 +66,8 @@ class AttentionBlock:
 
 @dataclass(frozen=True)
 class Router:
+    """One MoE router: the linear that scores E experts per token and the TopK that keeps ``top_k`` of them."""
+
     layer: int | None
     site: int                 # the d -> E linear's node
     topk_node: int | None
@@ -70,6 +77,9 @@ class Router:
 
 @dataclass(frozen=True)
 class FFNUnit:
+    """One feed-forward (dense, expert or shared-expert) unit: its up, gate and down linear sites
+    (indices into graph.nodes) and the activation's name ("(gated)" appended for GLU variants)."""
+
     layer: int | None
     role: Role                # FFN, EXPERTS or SHARED_EXPERTS
     up_sites: tuple[int, ...]
@@ -80,12 +90,15 @@ class FFNUnit:
 
 @dataclass(frozen=True)
 class Architecture:
+    """The model's shape as found in the graph (never from names); widths in features (elements), None
+    where they could not be read. ``layers`` counts the attention blocks."""
+
     layers: int
     hidden: int | None
     heads: int | None
     kv_heads: int | None
-    head_dim: int | None
-    ffn: int | None
+    head_dim: int | None      # features per head
+    ffn: int | None           # the FFN's (else an expert's) inner width; a fused gate_up counts once
     activation: str | None
     gated_ffn: bool
     experts: int
@@ -96,11 +109,14 @@ class Architecture:
     norm_placement: str       # "pre" or "post"
     positions: str            # "learned", "computed" (e.g. RoPE) or "none"
     tied_embedding: bool
-    ffn_per_block: int
+    ffn_per_block: int        # FFN sublayers (a routed MoE counting as one) in the busiest block
 
 
 @dataclass(frozen=True)
 class RoleMap:
+    """What the role locator returns: every parameter use with its role and layer, the blocks found,
+    and what was left unclassified; ``params_total`` counts elements (tied uses once)."""
+
     params: tuple[ParamUse, ...]
     architecture: Architecture
     attentions: tuple[AttentionBlock, ...]

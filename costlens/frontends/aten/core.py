@@ -98,10 +98,12 @@ def shape_list(b: Builder, items, scope: str) -> Value:
 
 
 def norm_dim(dim: int, rank: int | None) -> int:
+    """A negative dim counted from the end as a non-negative one, when the rank is known."""
     return dim + rank if dim < 0 and rank is not None else dim
 
 
 def emit(b: Builder, c: Call, op: str, inputs, attrs=None, i: int = 0) -> Value:
+    """One IR node ``op`` standing for the call's output ``i`` (its traced shape and dtype)."""
     shape, dtype = c.out(i)
     return b.one(op, inputs, shape, dtype, attrs, c.scope, c.base)
 

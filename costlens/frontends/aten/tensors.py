@@ -77,7 +77,8 @@ def _reduce(op: str):
         inputs = [x] if dims is None or dims == [] else [x, b.ints([dims] if isinstance(dims, int) else dims)]
         if c.op in ("aten.max", "aten.min") and isinstance(dims, int):     # (values, indices)
             arg = "ArgMax" if c.op == "aten.max" else "ArgMin"
-            values = emit(b, c, op, inputs, {"keepdims": keep})
+            # its backward scatters through the indices: no input kept (ops/elementwise.py)
+            values = emit(b, c, op, inputs, {"keepdims": keep, "selects_index": 1})
             shape, dtype = c.out(1)
             index = b.one(arg, [x], shape, dtype, {"axis": dims, "keepdims": keep}, c.scope)
             return values, index

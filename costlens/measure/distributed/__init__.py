@@ -8,7 +8,10 @@ variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, so ``torchrun
 
 Each rank: ``init_process_group("gloo")`` on the loopback interface, the real module built by the
 import spec's factory (same seed on every rank, so replicas agree), the plan applied by parameter
-name (as ``validate.apply_plan`` does), then wrapped:
+name (as ``validate.apply_plan`` does), then wrapped. For a Hugging Face config (``RealModule``):
+the real transformers module of the (shrunk) config (``hf_module.build_real_module``, seed 0),
+the plan put on it by ``validate.apply_plan`` itself, and the FSDP units the ModuleList of the
+config's decoder layers (``hf_config.layer_container``). The modes:
 
 - ``ddp``: ``DistributedDataParallel`` (25 MB buckets, ``gradient_as_bucket_view=False``);
 - ``zero1``: DDP + ``ZeroRedundancyOptimizer`` (optimizer state of whole parameters, greedily
@@ -72,6 +75,7 @@ class RankMeasurement:
     collective_bytes: dict                     # collective -> full-buffer bytes over the step
     collective_calls: dict                     # collective -> number of calls
     n_trainable_params: int                    # local elements of trainable parameters
+    truth: str = ""                            # what ran, e.g. "real module (transformers 5.24 LlamaForCausalLM)"
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,10 @@ class DistributedMeasurement:
     def peak_bytes(self) -> int:
         """The largest per-rank peak (ranks are not symmetric)."""
         return max(r.peak_bytes for r in self.ranks)
+
+    @property
+    def truth(self) -> str:
+        return self.ranks[0].truth
 
     def max_over_ranks(self, name: str) -> int:
         return max(getattr(r, name) for r in self.ranks)
@@ -126,19 +134,59 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class RealModule:
+    """What a rank needs to build the real transformers module of a Hugging Face config and put
+    the plan on it with ``validate.apply_plan``: the (shrunk) config, the setup (attention,
+    checkpointing, loss), and the priced plan as the parameter uses, trainable keys and adapters
+    of the estimate (pickled: the traced graph itself is not picklable, and tracing it again in
+    every rank would cost more than the step)."""
+
+    config: object                             # a transformers PretrainedConfig
+    setup: object                              # plans.Setup
+    params: tuple                              # roles.ParamUse of the traced config
+    trainable_keys: tuple[str, ...]
+    adapters: tuple
+    plan_fields: dict                          # the plans.Plan (its read-only mappings as dicts)
+
+    def plan(self):
+        from costlens.plans import Plan
+        return Plan(**self.plan_fields)
+
+
+def real_module_of(config, setup, model, result) -> RealModule:
+    """The RealModule of an estimate priced on ``config``'s traced graph ``model``."""
+    from dataclasses import fields
+    from types import MappingProxyType
+    recipe_of(model, result)                   # refuses what the ranks cannot run, in one line
+    plan = {f.name: getattr(result.plan, f.name) for f in fields(result.plan)}
+    plan = {k: dict(v) if isinstance(v, MappingProxyType) else v for k, v in plan.items()}
+    return RealModule(config, setup, tuple(model.roles.params), tuple(result.trainable_keys), tuple(result.adapters),
+                      plan)
+
+
 def measure_distributed(source: str, recipe: PlanRecipe, world: int, shard: str, batch: int, seq: int,
                         vocab: int, optimizer: str = "adamw", lr: float = 1e-3,
-                        timeout: float = RANK_TIMEOUT_SECONDS, tp: int = 1) -> DistributedMeasurement:
-    """Run ``world`` rank processes (gloo, loopback) of two training steps; the second, per rank."""
+                        timeout: float = RANK_TIMEOUT_SECONDS, tp: int = 1,
+                        real: RealModule | None = None) -> DistributedMeasurement:
+    """Run ``world`` rank processes (gloo, loopback) of two training steps; the second, per rank.
+    ``real``: build the real transformers module of a config in each rank instead of ``source``'s
+    import-spec factory."""
+    import pickle
+
     from costlens.errors import CostlensError
     if shard not in SHARD_MODES:
         raise CostlensError(f"unknown shard mode {shard!r} (choose from {', '.join(SHARD_MODES)})")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="costlens-dist-") as folder:
         config = Path(folder) / "config.json"
+        real_path = None
+        if real is not None:
+            real_path = str(Path(folder) / "real_module.pkl")
+            Path(real_path).write_bytes(pickle.dumps(real))
         config.write_text(json.dumps({"source": source, "recipe": asdict(recipe), "shard": shard, "batch": batch,
                                       "seq": seq, "vocab": vocab, "optimizer": optimizer, "lr": lr, "tp": tp,
-                                      "out": folder, "sys_path": sys.path}))
+                                      "out": folder, "sys_path": sys.path, "real_module": real_path}))
         port = free_port()
         processes = [subprocess.Popen([sys.executable, *_RANK_COMMAND, str(config)],
                                       env=_rank_env(rank, world, port), stdout=subprocess.DEVNULL,
@@ -187,11 +235,14 @@ def _read_rank(path: Path) -> RankMeasurement:
 
 # --------------------------------------------------------------------------- estimate beside measurement
 
-def validate_distributed(source: str, plan, setup, gpus: int, shard: str, tp: int = 1, tolerance: float = 0.03,
-                         progress=lambda message: None, model=None):
+def validate_distributed(source, plan, setup, gpus: int, shard: str, tp: int = 1, tolerance: float = 0.03,
+                         progress=lambda message: None, model=None, dims=None):
     """Price ``plan`` per rank (costlens.parallel) and measure it on ``gpus`` gloo ranks: the
     largest per-rank peak, weights, gradients and optimizer state beside the estimate, and each
-    collective's bytes (which must be equal). ``model``: ``source`` already loaded (traced).
+    collective's bytes (which must be equal). ``source``: an import spec (its factory's module
+    runs) or a Hugging Face config (config.json, model folder, hub id or config object; the real
+    transformers module runs, shrunk to ``dims`` (hf_module.Dims) when given). ``model``:
+    ``source`` already loaded (traced; for a config, of the shrunk config).
     Returns (Validation, ParallelEstimate, DistributedMeasurement)."""
     from dataclasses import replace as _replace
 
@@ -204,7 +255,11 @@ def validate_distributed(source: str, plan, setup, gpus: int, shard: str, tp: in
     from costlens.plans import check_setup
 
     setup = check_setup(_replace(setup, device="cpu"))
-    _measurable(setup, "cpu")
+    config = _hf_config(source, dims)
+    if config is None:
+        _measurable(setup, "cpu")
+    else:
+        _measurable_real(setup)
     two_d = tp > 1 and shard in ("zero2", "zero3")
     mode = shard if two_d or tp == 1 else "tp"
     if tp > 1 and not two_d and tp != gpus:
@@ -212,16 +267,19 @@ def validate_distributed(source: str, plan, setup, gpus: int, shard: str, tp: in
                         "(--shard zero2|zero3 with --gpus a multiple of --tp)")
     if mode not in SHARD_MODES:
         raise PlanError(f"validate --gpus: --shard ddp|zero1|zero2|zero3 or --tp N, not {shard!r}")
-    if not isinstance(source, str) or ":" not in source:
-        raise PlanError("distributed validation needs an import spec package.module:factory")
+    if config is None and (not isinstance(source, str) or ":" not in source):
+        raise PlanError("distributed validation needs an import spec package.module:factory or a Hugging Face "
+                        "config (config.json, model folder or hub id)")
     if model is None:
-        progress("tracing the module")
-        model = analyse(load_graph(source))
+        progress("tracing the config" if config is not None else "tracing the module")
+        model = analyse(load_graph(config if config is not None else source))
     result = estimate(model, plan, setup)
     parallel = estimate_parallel(result, gpus, shard if two_d or tp == 1 else "none", tp=tp)
+    real = real_module_of(config, setup, model, result) if config is not None else None
     progress(f"measuring two steps on {gpus} gloo ranks ({mode})")
-    measured = measure_distributed(source, recipe_of(model, result), gpus, mode, result.batch, result.seq,
-                                   model.roles.architecture.vocab, setup.optimizer, tp=tp if two_d else 1)
+    measured = measure_distributed(str(source) if config is None else "hf", recipe_of(model, result), gpus, mode,
+                                   result.batch, result.seq, model.roles.architecture.vocab, setup.optimizer,
+                                   tp=tp if two_d else 1, real=real)
     memory, comm = parallel.memory, parallel.communication
     rows = [Comparison("peak bytes (max rank)", memory.peak, measured.peak_bytes, tolerance),
             Comparison("weights bytes", memory.weights, measured.max_over_ranks("weights_bytes"), tolerance),
@@ -234,5 +292,31 @@ def validate_distributed(source: str, plan, setup, gpus: int, shard: str, tp: in
     phase = max(measured.ranks, key=lambda r: r.peak_bytes).peak_phase
     notes = (f"{gpus} ranks, {mode}; per-rank figures are the maximum over ranks; "
              f"measured in {measured.seconds:.1f} s",) + parallel.notes
+    truth = f"{measured.truth} on {gpus} gloo ranks" if config is not None else ""
     return Validation(result.plan, setup, result.batch, result.seq, "cpu", "torch.distributed", tuple(rows),
-                      memory.peak_phase, phase, notes), parallel, measured
+                      memory.peak_phase, phase, notes, truth), parallel, measured
+
+
+def _hf_config(source, dims):
+    """The (shrunk) transformers config of a Hugging Face source, or None for an import spec."""
+    from costlens.errors import PlanError
+    from costlens.frontends.hf_config import read_config
+    from costlens.frontends.source import SourceKind, classify, torch_source
+    from costlens.measure.hf_module import shrink_config
+    found = classify(source)
+    if found.kind not in (SourceKind.HF_CONFIG, SourceKind.HUB_ID, SourceKind.CONFIG_OBJECT):
+        if dims is not None and dims.given:
+            raise PlanError("--tiny and the size options shrink a Hugging Face config, not an import spec")
+        return None
+    config = torch_source(found)[0] if found.kind is not SourceKind.HF_CONFIG else read_config(found.path)
+    return shrink_config(config, dims) if dims is not None and dims.given else config
+
+
+def _measurable_real(setup) -> None:
+    """The recipes a rank runs on the real module: fp32 steps (attention and checkpointing as
+    single-rank validate runs them; mixed precision is not priced per rank yet)."""
+    from costlens.errors import PlanError
+    from costlens.measure.hf_module import check_recipe
+    check_recipe(setup, "cpu")
+    if setup.precision != "fp32":
+        raise PlanError("validate --gpus measures fp32 steps (per-rank mixed precision is not validated yet)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import pickle
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -41,8 +42,17 @@ def _measure_rank(config: dict, rank: int, world: int) -> RankMeasurement:
     from costlens.measure.distributed.wrap import (PeakResetTracker, apply_recipe, optimizer_state,
                                                    storage_resizes_seen, wrap)
 
-    module, _ = module_from_spec(config["source"], device="cpu")
-    module = apply_recipe(module, PlanRecipe(**config["recipe"]))
+    from costlens.measure.step import StepRecipe
+    layers, step, truth = None, StepRecipe(), ""
+    if config.get("real_module"):
+        from costlens.measure.distributed.wrap import planned_real_module
+        from costlens.measure.hf_module import step_recipe
+        real = pickle.loads(Path(config["real_module"]).read_bytes())
+        module, layers, truth = planned_real_module(real)
+        step = step_recipe(real.setup)
+    else:
+        module, _ = module_from_spec(config["source"], device="cpu")
+        module = apply_recipe(module, PlanRecipe(**config["recipe"]))
     shard, batch, seq, vocab = config["shard"], config["batch"], config["seq"], config["vocab"]
     tracker = PeakResetTracker("cpu")
     tracker.register_existing([*module.parameters(), *module.buffers()], MemCategory.WEIGHTS)
@@ -50,13 +60,13 @@ def _measure_rank(config: dict, rank: int, world: int) -> RankMeasurement:
     ids = torch.Generator().manual_seed(1000 + rank // tp)     # the tensor-parallel ranks of a replica share a batch
     counter = CollectiveCounter()
     with _gc_paused(), tracker, storage_resizes_seen(tracker):
-        wrapped, opt = wrap(module, shard, world, config["optimizer"], config["lr"], tp)
+        wrapped, opt = wrap(module, shard, world, config["optimizer"], config["lr"], tp, layers)
         gc.collect()        # the replaced full parameters of the last unit sharded sit in a reference cycle
         tracker.classify([*wrapped.parameters()], MemCategory.WEIGHTS)
-        _measured_step(wrapped, opt, ids, batch, seq, vocab, "cpu", tracker, None, False)   # step 1
+        _measured_step(wrapped, opt, ids, batch, seq, vocab, "cpu", tracker, None, False, step)   # step 1
         tracker.reset_peak()
         with counter:
-            _measured_step(wrapped, opt, ids, batch, seq, vocab, "cpu", tracker, None, False)
+            _measured_step(wrapped, opt, ids, batch, seq, vocab, "cpu", tracker, None, False, step)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     state = optimizer_state(opt)
     tracker.classify([*wrapped.parameters(), *wrapped.buffers()], MemCategory.WEIGHTS)
@@ -70,7 +80,7 @@ def _measure_rank(config: dict, rank: int, world: int) -> RankMeasurement:
         weights_bytes=storage_bytes([*wrapped.parameters(), *wrapped.buffers()]),
         gradient_bytes=storage_bytes(_grads(trainable)), optimizer_state_bytes=storage_bytes(state),
         collective_bytes=dict(counter.bytes), collective_calls=dict(counter.calls),
-        n_trainable_params=sum(_local(p).numel() for p in trainable))
+        n_trainable_params=sum(_local(p).numel() for p in trainable), truth=truth)
 
 
 def _local(tensor):

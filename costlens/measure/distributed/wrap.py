@@ -87,6 +87,27 @@ def apply_recipe(module: nn.Module, recipe) -> nn.Module:
     return inner
 
 
+def planned_real_module(real) -> tuple[nn.Module, nn.ModuleList, str]:
+    """(module to train, its decoder layers, truth label) of a RealModule: the real transformers
+    module (seed 0 on every rank, so the replicas agree) with the plan put on it by
+    ``validate.apply_plan``, exactly as single-rank ``validate_config`` does."""
+    from costlens.frontends.hf_config import layer_container, layer_count
+    from costlens.measure.hf_module import build_real_module, truth_label
+    from costlens.measure.validate import apply_plan
+    module = build_real_module(real.config, real.setup)
+    model = SimpleNamespace(roles=SimpleNamespace(params=list(real.params), attentions=()))
+    plan = real.plan()
+    planned = apply_plan(module, model, SimpleNamespace(trainable_keys=real.trainable_keys,
+                                                        adapters=real.adapters, plan=plan))
+    truth = truth_label(planned)
+    inner = planned.get_base_model() if hasattr(planned, "get_base_model") else planned
+    # the FSDP units: the ModuleList of the config's repeated blocks (LlamaDecoderLayer, GPT2Block, ...)
+    path = layer_container(inner, layer_count(real.config) or 0)
+    if path is None:
+        raise ValueError(f"no ModuleList of {layer_count(real.config)} decoder layers in {type(inner).__name__}")
+    return inner, inner.get_submodule(path), truth
+
+
 def decoder_layers(module: nn.Module) -> nn.ModuleList:
     """The repeated blocks: the FSDP units (the first ModuleList named ``layers``)."""
     for name, child in module.named_modules():
@@ -100,9 +121,11 @@ def make_optimizer(params, name: str, lr: float):
     return single(params, name, "for-loop", lr)
 
 
-def wrap(module: nn.Module, shard: str, world: int, optimizer: str, lr: float, tp: int = 1):
+def wrap(module: nn.Module, shard: str, world: int, optimizer: str, lr: float, tp: int = 1,
+         layers: nn.ModuleList | None = None):
     """(module to call, optimizer) for one shard mode; with ``tp`` > 1 and zero2/zero3, a 2-D mesh
-    (world / tp data-parallel x tp tensor-parallel): tensor parallelism inside, FSDP2 across."""
+    (world / tp data-parallel x tp tensor-parallel): tensor parallelism inside, FSDP2 across.
+    ``layers``: the FSDP units (default: ``decoder_layers(module)``)."""
     if shard in ("ddp", "zero1"):
         from torch.nn.parallel import DistributedDataParallel
         wrapped = DistributedDataParallel(module)
@@ -121,7 +144,7 @@ def wrap(module: nn.Module, shard: str, world: int, optimizer: str, lr: float, t
             tensor_parallel(module, tp, mesh2d["tp"])
             mesh = mesh2d["dp"]
         reshard = False if shard == "zero2" else None      # None: True per layer, False for the root
-        for layer in decoder_layers(module):
+        for layer in layers if layers is not None else decoder_layers(module):
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
         return module, make_optimizer([p for p in module.parameters() if p.requires_grad], optimizer, lr)
