@@ -136,8 +136,10 @@ def run_real(device: str, archs, recipes, quick: bool, results: Path = RESULTS, 
                 for batch, seq in sizes:
                     row = {"arch": arch, "plan": spec.split(":")[0], "recipe": recipe, "batch": batch, "seq": seq}
                     try:
-                        result = validate_config(HF / f"{arch}.config.json", parse_plan_spec(spec),
-                                                 Setup(batch=batch, seq=seq, **RECIPES[recipe]), device=device)
+                        # MoE experts as transformers 5 runs them by default (grouped_mm)
+                        setup = Setup(batch=batch, seq=seq, **{"experts_impl": "grouped_mm", **RECIPES[recipe]})
+                        result = validate_config(HF / f"{arch}.config.json", parse_plan_spec(spec), setup,
+                                                 device=device)
                     except Exception as e:  # noqa: BLE001 - a case that cannot run is a row, not a stop
                         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                         print(f"{arch:12s} {row['plan']:26s} {recipe:14s} {batch}x{seq:<3d} ERROR {row['error']}",

@@ -112,6 +112,8 @@ def module_path(use: ParamUse) -> str | None:
 
 
 def parameter_path(use: ParamUse) -> str:
+    """The module path of a parameter as PEFT matches it (``layers.0.self_attn.q_proj.weight``): the
+    exporter's recorded module path plus the tensor's last name part, else the constant's name."""
     last = use.constant.rsplit(".", 1)[-1]
     return f"{use.hint}.{last}" if use.hint else use.constant
 

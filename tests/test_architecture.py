@@ -98,15 +98,7 @@ def test_only_the_cli_and_the_package_import_the_facade():
     assert {name for name, imports in graph.items() if "costlens.api" in imports} <= FACADE_USERS
 
 
-# Files whose public definitions still lack docstrings (issue 15); they were being edited by others
-# when the rest were documented. Remove a file here once its definitions have docstrings.
-UNDOCUMENTED_FILES = (
-    "flops.py", "frontends/aten/core.py", "frontends/hf_config.py", "frontends/onnx.py", "frontends/source.py",
-    "frontends/static_rebind.py", "frontends/torch_export.py", "gradients.py", "measure/distributed/__init__.py",
-    "measure/distributed/wrap.py", "measure/validate.py", "memory.py", "ops/moe.py", "parallel/__init__.py",
-    "peft_config.py", "plans.py", "storages.py",
-)
-
+# Issue 15: a docstring (with units where the result is a number) on every public definition.
 
 def _undocumented(source: str) -> list[str]:
     """Top-level public functions and classes (name not starting with "_") without a docstring."""
@@ -125,12 +117,5 @@ def test_the_docstring_finder_finds_a_missing_docstring():
     assert _undocumented(source) == ["f", "C"]
 
 
-@pytest.mark.xfail(strict=False, reason="public definitions without a docstring remain in files others were "
-                                        "editing: costlens/" + ", costlens/".join(UNDOCUMENTED_FILES))
 def test_every_public_definition_has_a_docstring():
     assert _undocumented_in_package() == []
-
-
-def test_no_public_definition_lacks_a_docstring_outside_the_pending_files():
-    pending = {f"{path}:" for path in UNDOCUMENTED_FILES}
-    assert [entry for entry in _undocumented_in_package() if not any(entry.startswith(p) for p in pending)] == []

@@ -160,3 +160,22 @@ def test_key_changes_with_versions(monkeypatch):
     monkeypatch.setattr(graph_cache.metadata, "version",
                         lambda name: "0.0.0-other" if name == "transformers" else real(name))
     assert graph_cache.cache_key(parts) != before
+
+
+def test_a_warm_plan_on_a_config_never_imports_transformers(cache, config_file):
+    # importing transformers (and torch under it) costs seconds: with the graph and the attention
+    # default cached, pricing a config again needs neither (the cache's point, issue 12)
+    import os
+    import subprocess
+    import sys
+    command = ("import sys; from costlens.cli import main\n"
+               "try:\n    main(['plan', sys.argv[1], '--seq', '32'])\n"
+               "except SystemExit as e:\n    assert not e.code, e.code\n"
+               "print('transformers' in sys.modules, 'torch' in sys.modules)")
+    env = dict(os.environ, **{graph_cache.CACHE_ENV: str(cache)})
+    run = lambda: subprocess.run([sys.executable, "-c", command, str(config_file)], env=env,  # noqa: E731
+                                 capture_output=True, text=True, timeout=300)
+    cold, warm = run(), run()
+    assert cold.returncode == 0 and cold.stdout.strip().endswith("True True"), cold.stderr[-500:]
+    assert warm.returncode == 0, warm.stderr[-500:]
+    assert warm.stdout.strip().splitlines()[-1] == "False False"

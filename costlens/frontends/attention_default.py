@@ -81,10 +81,9 @@ def config_default(data: dict) -> AttentionDefault:
         return AttentionDefault(_priced_as(named), f"from the config's attn_implementation {named!r}")
     if data.get("output_attentions"):        # transformers dispatches eager to return the probabilities
         return AttentionDefault("eager", "the config sets output_attentions (transformers then runs eager)")
-    name = causal_lm_class_name(data.get("model_type"))
+    name, supports = _class_facts(data.get("model_type"))
     if name is None:
         return AttentionDefault("eager", f"no transformers causal-LM class for {data.get('model_type')!r}")
-    supports = _supports_sdpa(name)
     if supports is None:
         return AttentionDefault("eager", f"{name} decides per instance whether it supports SDPA (give --attention)")
     if supports:
@@ -99,6 +98,21 @@ def _priced_as(named: str) -> str:
         return "fused"
     raise CostlensError(f"the config's attn_implementation {named!r} is not one costlens prices: "
                         "give --attention eager, sdpa or fused")
+
+
+def _class_facts(model_type) -> tuple[str | None, bool | None]:
+    """(causal-LM class name, its ``_supports_sdpa``) of a model type, from the graph cache when
+    this transformers version was asked before: a warm ``plan`` on a config never imports it."""
+    from costlens.frontends import graph_cache
+    key = graph_cache.cache_key({"fact": "causal_lm_sdpa", "model_type": model_type}) \
+        if isinstance(model_type, str) else None
+    cached = graph_cache.load_fact(key)
+    if isinstance(cached, list) and len(cached) == 2:
+        return cached[0], cached[1]
+    name = causal_lm_class_name(model_type)
+    facts = (name, _supports_sdpa(name) if name is not None else None)
+    graph_cache.store_fact(key, list(facts))
+    return facts
 
 
 def causal_lm_class_name(model_type) -> str | None:

@@ -71,40 +71,33 @@ def cache_key(parts: dict) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _entry(key: str) -> Path | None:
+def _entry(key: str, kind: str = "graph") -> Path | None:
     folder = cache_dir()
-    return None if folder is None else folder / f"graph-{key}.json"
+    return None if folder is None else folder / f"{kind}-{key}.json"
 
 
 # --------------------------------------------------------------------------- read and write
 
-def load_graph_entry(key: str | None) -> Graph | None:
-    """The cached graph of ``key``, or None (no entry, or one that is corrupt or foreign)."""
-    path = _entry(key) if key else None
+def _read_payload(key: str | None, kind: str) -> bytes | None:
+    """The checked payload of an entry (header: format, key, SHA-256 of the payload), or None."""
+    path = _entry(key, kind) if key else None
     if path is None:
         return None
     try:
         header_line, _, payload = path.read_bytes().partition(b"\n")
         header = json.loads(header_line)
-        if header != {"format": FORMAT, "key": key, "sha256": hashlib.sha256(payload).hexdigest()}:
-            return None
-        return graph_from_document(json.loads(payload))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, _Undecodable, RecursionError):
+    except (OSError, ValueError, RecursionError):
         return None
+    if header != {"format": FORMAT, "key": key, "sha256": hashlib.sha256(payload).hexdigest()}:
+        return None
+    return payload
 
 
-def store_graph_entry(key: str | None, graph: Graph) -> bool:
-    """Write ``graph`` under ``key`` (atomically: a reader never sees half a file). Whether it
-    was written: not when caching is off, the folder is not writable, or the JSON form would
-    not give back an equal graph."""
-    path = _entry(key) if key else None
+def _write_payload(key: str | None, kind: str, payload: bytes) -> bool:
+    """Write an entry atomically (a reader never sees half a file); False when caching is off or
+    the folder is not writable."""
+    path = _entry(key, kind) if key else None
     if path is None:
-        return False
-    try:
-        payload = json.dumps(graph_document(graph), separators=(",", ":")).encode()
-        if graph_from_document(json.loads(payload)) != graph:
-            return False
-    except (_Undecodable, TypeError, ValueError, RecursionError):
         return False
     header = json.dumps({"format": FORMAT, "key": key, "sha256": hashlib.sha256(payload).hexdigest()})
     temporary = None
@@ -114,11 +107,53 @@ def store_graph_entry(key: str | None, graph: Graph) -> bool:
             temporary = out.name
             out.write(header.encode() + b"\n" + payload)
         os.replace(temporary, path)
-    except OSError:               # a read-only or full disk: the trace's result stands uncached
+    except OSError:               # a read-only or full disk: the result stands uncached
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
         return False
     return True
+
+
+def load_graph_entry(key: str | None) -> Graph | None:
+    """The cached graph of ``key``, or None (no entry, or one that is corrupt or foreign)."""
+    payload = _read_payload(key, "graph")
+    if payload is None:
+        return None
+    try:
+        return graph_from_document(json.loads(payload))
+    except (ValueError, TypeError, KeyError, AttributeError, _Undecodable, RecursionError):
+        return None
+
+
+def store_graph_entry(key: str | None, graph: Graph) -> bool:
+    """Write ``graph`` under ``key``. Whether it was written: not when caching is off, the folder
+    is not writable, or the JSON form would not give back an equal graph."""
+    try:
+        payload = json.dumps(graph_document(graph), separators=(",", ":")).encode()
+        if graph_from_document(json.loads(payload)) != graph:
+            return False
+    except (_Undecodable, TypeError, ValueError, RecursionError):
+        return False
+    return _write_payload(key, "graph", payload)
+
+
+def load_fact(key: str | None):
+    """A small JSON value cached under ``key`` (what transformers answered about a model type,
+    asked once per version: importing transformers costs seconds), or None."""
+    payload = _read_payload(key, "fact")
+    try:
+        return None if payload is None else json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+
+
+def store_fact(key: str | None, value) -> bool:
+    """Cache a JSON-able ``value`` under ``key`` (``load_fact``); False when it was not written."""
+    try:
+        payload = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError):
+        return False
+    return _write_payload(key, "fact", payload)
 
 
 # --------------------------------------------------------------------------- the JSON form

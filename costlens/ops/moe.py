@@ -42,6 +42,8 @@ def _tokens(node: Node, ctx) -> int | None:
 
 
 def moe_backward(node: Node, ctx: FlopContext, needed: Needed, forward_flops: int) -> Backward:
+    """Backward FLOPs of a routed com.microsoft.MoE node: dX through each expert's fc1/fc3 and
+    fc2 for the tokens·k routed pairs, and the expert weights' gradients when they train."""
     tokens, top_k = _tokens(node, ctx), node.attr("k")
     if tokens is None or not top_k:
         return Backward(0, 0)

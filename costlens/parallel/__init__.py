@@ -41,6 +41,9 @@ from costlens.plans import check_parallel
 
 @dataclass(frozen=True)
 class ParallelEstimate:
+    """A plan priced per rank of a parallel layout: the layout (GPUs, shard mode, tensor and
+    expert parallel sizes, offload), each rank's memory (bytes) and the step's communication."""
+
     gpus: int
     shard: str
     tp: int

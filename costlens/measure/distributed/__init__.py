@@ -80,6 +80,9 @@ class RankMeasurement:
 
 @dataclass(frozen=True)
 class DistributedMeasurement:
+    """A training step measured on ``world`` gloo ranks: each rank's storages and collectives
+    (bytes), the per-rank batch (sequences) and seq (tokens), and the wall seconds of the run."""
+
     source: str
     world: int
     shard: str
@@ -129,6 +132,7 @@ def recipe_of(model, result) -> PlanRecipe:
 # --------------------------------------------------------------------------- launcher
 
 def free_port() -> int:
+    """A free TCP port on the loopback interface, for the ranks' rendezvous (never another host)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

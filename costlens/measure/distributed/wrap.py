@@ -117,6 +117,7 @@ def decoder_layers(module: nn.Module) -> nn.ModuleList:
 
 
 def make_optimizer(params, name: str, lr: float):
+    """The single-rank optimizer of ``name`` over ``params``, stepping per parameter (for-loop)."""
     from costlens.measure.step import make_optimizer as single
     return single(params, name, "for-loop", lr)
 
