@@ -139,9 +139,10 @@ def kernel_score_recompute(analysis: StepAnalysis) -> int:
     """FLOPs a fused attention kernel's backward adds: it keeps no probabilities, so it computes
     Q·Kᵀ once more before dP, dS, dQ, dK, dV (torch.utils.flop_counter's sdpa backward: 5
     products of a forward's 2)."""
+    from costlens.storages import kernel_blocks
     total = 0
-    for block in analysis.model.roles.attentions:
-        if block.kind == "eager" and analysis.runs_backward[block.score_node]:
+    for block in kernel_blocks(analysis.model):
+        if analysis.runs_backward[block.score_node]:
             total += node_forward_flops(analysis, block.score_node, analysis.expert_share) or 0
     return total
 

@@ -81,7 +81,7 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
     """The step's memory by category and its peak (bytes), from what each op saves for
     backward and a walk of the backward pass."""
     precision = Precision.of(setup.precision)
-    ctx = StorageContext(analysis, precision, setup.device, setup.attention)
+    ctx = StorageContext(analysis, precision, setup.device, setup.attention, setup.experts_impl)
     graph, roles = analysis.model.graph, analysis.model.roles
     shapes = trainable_shapes(analysis)
     n_trainable = sum(numel(s) for s in shapes)

@@ -77,14 +77,19 @@ class StorageContext:
     """The SavedContext the per-op rules read, over one StepAnalysis."""
 
     def __init__(self, analysis: StepAnalysis, precision: Precision, device: str = "cuda",
-                 attention: str = "eager"):
+                 attention: str = "eager", experts_impl: str = "eager"):
         self.analysis = analysis
         self.attention = attention
         self.mask_bytes = 1 if device == "cuda" else precision.activation   # dropout masks
         self.graph = analysis.model.graph
         self.precision = precision
         self.device = device
-        self.autocast_bytes = autocast_dtypes(self.graph, analysis.weights, device) if precision.autocast else {}
+        # torch._grouped_mm is on no autocast list: transformers runs it in the expert weights' dtype
+        self.autocast_unlisted = frozenset(
+            u.site for u in analysis.model.roles.params if u.n_experts) \
+            if precision.autocast and experts_impl == "grouped_mm" else frozenset()
+        self.autocast_bytes = autocast_dtypes(self.graph, analysis.weights, device, self.autocast_unlisted) \
+            if precision.autocast else {}
         # A graph of a half model (traced in bf16, or an fp16 export) shows the fp32 islands its
         # code upcasts to: with half weights those dtypes are what runs; with fp32 weights every
         # float is fp32 and a cast between float dtypes returns its input (a view, no storage).
@@ -104,8 +109,7 @@ class StorageContext:
         # a fused kernel writes its output [b, s, h, d]-ordered and returns the [b, h, s, d]
         # transpose of it, so HF's transpose(1, 2).reshape(b, s, h·d) after it is a view
         self.kernel_outputs = {self.graph.nodes[block.context_node].outputs[0]
-                               for block in analysis.model.roles.attentions if block.kind == "eager"} \
-            if fused_kernel(attention) else set()
+                               for block in kernel_blocks(analysis.model)} if fused_kernel(attention) else set()
 
     @cached_property
     def routed(self) -> dict[int, tuple[float, str, int]]:
@@ -317,15 +321,36 @@ def _unrepeated(producer: dict[str, Node], tensor: str) -> str:
     return found
 
 
+def kernel_blocks(model) -> tuple:
+    """The attention blocks a fused kernel (flash / memory-efficient SDPA) runs: the written-out
+    ones, except where K/V heads are broadcast (``_broadcast_kv_heads``: torch's math path)."""
+    graph = model.graph
+    producer = {o: n for n in graph.nodes for o in n.outputs if o}
+    return tuple(block for block in model.roles.attentions if block.kind == "eager"
+                 and not _broadcast_kv_heads(graph, producer, graph.nodes[block.score_node]))
+
+
+def _broadcast_kv_heads(graph, producer: dict[str, Node], score: Node) -> bool:
+    """Fewer K heads than Q heads reach the score product with no repeat in between (Falcon's
+    multi-query attention broadcasts its one K/V head): HF passes them to SDPA as they are,
+    without enable_gqa, and torch then runs its math fallback, which keeps the scores, the
+    probabilities and expanded copies of K and V as eager attention does (measured: the same
+    step-2 peak as eager on the real Falcon module)."""
+    q_shape, k_shape = graph.shape(score.inputs[0]), graph.shape(score.inputs[1])
+    if not q_shape or not k_shape or len(q_shape) != 4 or len(k_shape) != 4:
+        return False
+    heads_q, heads_k = q_shape[1], k_shape[1]
+    return isinstance(heads_q, int) and isinstance(heads_k, int) and heads_k < heads_q \
+        and _unrepeated(producer, score.inputs[1]) == score.inputs[1]
+
+
 def _fused_attention_nodes(analysis: StepAnalysis) -> dict[int, list]:
     """With a fused kernel (flash / memory-efficient SDPA) no seq x seq tensor is kept:
     the core saves q, k, v (the kv heads, unrepeated), its output and a per-row logsumexp."""
     replaced: dict[int, list] = {}
     graph = analysis.model.graph
     producer = {o: n for n in graph.nodes for o in n.outputs if o}
-    for block in analysis.model.roles.attentions:
-        if block.kind != "eager":
-            continue
+    for block in kernel_blocks(analysis.model):     # others are priced as written (SDPA's math path)
         score, context = graph.nodes[block.score_node], graph.nodes[block.context_node]
         q, k = score.inputs[0], _unrepeated(producer, score.inputs[1])
         v, out = _unrepeated(producer, context.inputs[1]), context.outputs[0]
@@ -588,17 +613,25 @@ def _lora_saved(analysis: StepAnalysis, ctx: StorageContext, index: int, plan: P
     return items + (_dora_saved(ctx, node, adapter, rows) if adapter.dora else [])
 
 
+def _adds_a_bias(ctx: StorageContext, node: Node) -> bool:
+    """The linear's product goes on to an Add of a weight: its bias (split off by the front end)."""
+    return any(ctx.graph.nodes[i].op == "Add" and any(ctx.is_weight(x) for x in ctx.graph.nodes[i].inputs)
+               for i in ctx.consumers.get(node.outputs[0], ()))
+
+
 def _dora_saved(ctx: StorageContext, node: Node, adapter, rows: int) -> list:
     """PEFT's DoRA adds (m/‖W + s·BA‖ - 1)·(x W) + (m/‖W + s·BA‖)·s·B(A(x)) to the base output,
     the norm detached: the magnitude m's gradient needs both products, so the base output and
     B's output ([tokens, out] each) stay saved, with the per-output norm and scales (fp32 for
-    PEFT's fp32 adapters). B·A itself is made through an identity matrix and detached: not kept.
-    With LoRA dropout the base product runs again, on the dropped input in the adapter's input
+    PEFT's fp32 adapters; with a bias PEFT subtracts it from the base output first, a new tensor).
+    B·A itself is made through an identity matrix and detached: not kept. With LoRA dropout the base product runs again, on the dropped input in the adapter's input
     dtype, as F.linear(x', W.to(x'.dtype)): it keeps the cast weight for dX when that is a new
     tensor (an fp32 copy of a half W for fp32 adapters; autocast's half copy of a frozen W)."""
     fp32_adapter = ctx.precision.adapter == 4 and ctx.precision.activation == 2 and not ctx.precision.autocast
     adapter_out = 4 if fp32_adapter else ctx.act_bytes("MatMul")
     base_bytes = adapter_out if adapter.dropout > 0 else ctx.element_bytes(node.outputs[0])
+    if adapter.dropout <= 0 and ctx.precision.autocast and _adds_a_bias(ctx, node):
+        base_bytes = 4       # result - bias: the half product minus the fp32 bias promotes to fp32
     items = [Extra(f"dora_base@{node.name}", rows * adapter.d_out * base_bytes),
              Extra(f"dora_lora@{node.name}", rows * adapter.d_out * adapter_out),
              Extra(f"dora_scales@{node.name}", 3 * adapter.d_out * ctx.precision.adapter)]  # ‖·‖, m/‖·‖ - 1, m/‖·‖

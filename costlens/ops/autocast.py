@@ -21,16 +21,20 @@ AUTOCAST_HALF = frozenset({"MatMul", "Gemm", "com.microsoft.FusedMatMul", "Einsu
 INT_BYTES = {"int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
 
 
-def autocast_dtypes(graph, weights, device: str) -> dict[str, int]:
+def autocast_dtypes(graph, weights, device: str, unlisted: frozenset = frozenset()) -> dict[str, int]:
     """Bytes per element of each float tensor under torch.autocast on fp32 weights: the half
     list (matmuls) makes half outputs, the fp32 list (CUDA: softmax, norms, pow, exp, ...; the
     CPU list holds only losses) fp32 ones, and every other op follows torch's type promotion
     over its float inputs (a half matmul output added to the fp32 residual stream is fp32;
-    0-d and 1-element constants do not promote)."""
+    0-d and 1-element constants do not promote). ``unlisted``: names of product nodes that run
+    outside autocast's lists in their weights' dtype (``torch._grouped_mm``: transformers casts
+    the routed tokens to the expert weights' dtype, fp32 under autocast)."""
     found: dict[str, int] = {}
     fp32_ops = AUTOCAST_FP32 if device == "cuda" else frozenset()
     for node in graph.nodes:
-        if node.op in AUTOCAST_HALF:
+        if node.name in unlisted:
+            width = 4
+        elif node.op in AUTOCAST_HALF:
             width = 2
         elif node.op in fp32_ops:
             width = 4
@@ -64,7 +68,7 @@ def autocast_casts(node: Node, items: list, ctx) -> list:
     cast per call; a trainable weight's copy is cached for the whole forward, so one per
     weight), in place of the fp32 tensors. A weight's copy is kept exactly when the other
     operand needs a gradient (dX = dY·Wᵀ), though the fp32 weight itself is resident."""
-    if not ctx.precision.autocast or node.op not in AUTOCAST_HALF:
+    if not ctx.precision.autocast or node.op not in AUTOCAST_HALF or node.name in ctx.autocast_unlisted:
         return items
     kept = []
     for item in items:
@@ -85,7 +89,7 @@ def autocast_grad_copies(node: Node, ctx) -> int:
     """Bytes of the half gradients a half-list op's backward makes for its cast fp32 operands
     before the casts' backward turns them into fp32 ones (dX, and dW of a trainable weight):
     both are alive while the op's backward runs."""
-    if not ctx.precision.autocast or node.op not in AUTOCAST_HALF:
+    if not ctx.precision.autocast or node.op not in AUTOCAST_HALF or node.name in ctx.autocast_unlisted:
         return 0
     total = 0
     for operand in (x for x in node.inputs[:2] if x):

@@ -58,7 +58,8 @@ def _tensor_parallel_all_reduce(analysis: StepAnalysis, result: Estimate, tp: in
     input's gradient in backward (when it needs one). LoRA: a row-parallel A all-reduces its
     r-wide output, a column-parallel B its input's gradient."""
     graph, roles = analysis.model.graph, analysis.model.roles
-    ctx = StorageContext(analysis, Precision.of(result.setup.precision), result.setup.device, result.setup.attention)
+    ctx = StorageContext(analysis, Precision.of(result.setup.precision), result.setup.device, result.setup.attention,
+                         result.setup.experts_impl)
     index_of = {n.name: i for i, n in enumerate(graph.nodes)}
     adapters = analysis.adapter_at
     total = 0

@@ -33,7 +33,8 @@ class Timeline:
     def __init__(self, analysis: StepAnalysis, result: Estimate, rank: RankLayout, tp: int):
         self.analysis, self.rank, self.setup = analysis, rank, result.setup
         precision = rank.precision
-        self.ctx = StorageContext(analysis, precision, result.setup.device, result.setup.attention)
+        self.ctx = StorageContext(analysis, precision, result.setup.device, result.setup.attention,
+                                  result.setup.experts_impl)
         self.split = sharded_tensors(analysis, tp)
         self.tp = tp
         graph = analysis.model.graph
