@@ -132,6 +132,17 @@ def expert_token_share(model: Model) -> dict[int, float]:
     return share
 
 
+def gradient_sites(model: Model, uses=None) -> dict[str, int]:
+    """Node index where each parameter tensor's gradient first exists in backward: its last use in
+    forward (a tied weight, GPT-2's wte = lm_head, gets it at the head and holds it from there).
+    ``uses``: the ParamUses to consider (default: all)."""
+    index_of = {n.name: i for i, n in enumerate(model.graph.nodes)}
+    sites: dict[str, int] = {}
+    for use in model.roles.params if uses is None else uses:
+        sites[use.constant] = max(sites.get(use.constant, -1), index_of[use.site])
+    return sites
+
+
 def trainable_keys(model: Model, plan: Plan) -> set[str]:
     """ParamUse keys whose base weights train under ``plan`` (--train / --freeze selectors; none
     by default under LoRA); a tied tensor trains or freezes as one."""

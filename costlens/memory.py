@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from costlens.gradients import StepAnalysis
+from costlens.gradients import StepAnalysis, gradient_sites
 from costlens.ir import Node
 from costlens.ops.saved import backward_transient
 from costlens.optimizers import state_bytes, step_temporaries
@@ -47,13 +47,10 @@ def trainable_shapes(analysis: StepAnalysis) -> list[tuple[int, ...]]:
 
 def _grads_at(analysis: StepAnalysis, precision: Precision) -> dict[int, int]:
     """Bytes of weight gradients produced at each node's backward."""
-    index_of = {n.name: i for i, n in enumerate(analysis.model.graph.nodes)}
     grads: dict[int, int] = {}
     # a tied weight's gradient exists from the backward of its use that runs first (the head)
-    last_site: dict[str, int] = {}
-    for use in analysis.model.roles.params:
-        if use.key in analysis.trainable:
-            last_site[use.constant] = max(last_site.get(use.constant, -1), index_of[use.site])
+    trained = [u for u in analysis.model.roles.params if u.key in analysis.trainable]
+    last_site = gradient_sites(analysis.model, trained)
     for use in analysis.model.roles.params:
         if use.key in analysis.trainable and use.n_params:
             site = last_site[use.constant]

@@ -56,6 +56,12 @@ class Precision:
         return self.weight if self.master else 4
 
     @property
+    def fp32_adapters_on_half_base(self) -> bool:
+        """Pure half weights with PEFT's default fp32 adapters: PEFT casts each adapted input to
+        fp32 first, so the adapter's products and what they keep are fp32."""
+        return self.adapter == 4 and self.activation == 2 and not self.autocast
+
+    @property
     def adapter_state(self) -> int:
         """Bytes per optimizer-state element of an adapter: the adapter's own dtype, or fp32."""
         return max(self.state, self.adapter)
@@ -108,8 +114,8 @@ class StorageContext:
         self._receives: set[str] | None = None
         # a fused kernel writes its output [b, s, h, d]-ordered and returns the [b, h, s, d]
         # transpose of it, so HF's transpose(1, 2).reshape(b, s, h·d) after it is a view
-        self.kernel_outputs = {self.graph.nodes[block.context_node].outputs[0]
-                               for block in kernel_blocks(analysis.model)} if fused_kernel(attention) else set()
+        self.kernel_blocks = kernel_blocks(analysis.model, self._producer) if fused_kernel(attention) else ()
+        self.kernel_outputs = {self.graph.nodes[block.context_node].outputs[0] for block in self.kernel_blocks}
 
     @cached_property
     def routed(self) -> dict[int, tuple[float, str, int]]:
@@ -321,11 +327,12 @@ def _unrepeated(producer: dict[str, Node], tensor: str) -> str:
     return found
 
 
-def kernel_blocks(model) -> tuple:
+def kernel_blocks(model, producer: dict[str, Node] | None = None) -> tuple:
     """The attention blocks a fused kernel (flash / memory-efficient SDPA) runs: the written-out
-    ones, except where K/V heads are broadcast (``_broadcast_kv_heads``: torch's math path)."""
+    ones, except where K/V heads are broadcast (``_broadcast_kv_heads``: torch's math path).
+    ``producer``: tensor -> producing node, when the caller has the map already."""
     graph = model.graph
-    producer = {o: n for n in graph.nodes for o in n.outputs if o}
+    producer = producer if producer is not None else {o: n for n in graph.nodes for o in n.outputs if o}
     return tuple(block for block in model.roles.attentions if block.kind == "eager"
                  and not _broadcast_kv_heads(graph, producer, graph.nodes[block.score_node]))
 
@@ -344,13 +351,12 @@ def _broadcast_kv_heads(graph, producer: dict[str, Node], score: Node) -> bool:
         and _unrepeated(producer, score.inputs[1]) == score.inputs[1]
 
 
-def _fused_attention_nodes(analysis: StepAnalysis) -> dict[int, list]:
+def _fused_attention_nodes(analysis: StepAnalysis, ctx: StorageContext) -> dict[int, list]:
     """With a fused kernel (flash / memory-efficient SDPA) no seq x seq tensor is kept:
     the core saves q, k, v (the kv heads, unrepeated), its output and a per-row logsumexp."""
     replaced: dict[int, list] = {}
-    graph = analysis.model.graph
-    producer = {o: n for n in graph.nodes for o in n.outputs if o}
-    for block in kernel_blocks(analysis.model):     # others are priced as written (SDPA's math path)
+    graph, producer = analysis.model.graph, ctx._producer
+    for block in ctx.kernel_blocks:     # others are priced as written (SDPA's math path)
         score, context = graph.nodes[block.score_node], graph.nodes[block.context_node]
         q, k = score.inputs[0], _unrepeated(producer, score.inputs[1])
         v, out = _unrepeated(producer, context.inputs[1]), context.outputs[0]
@@ -400,7 +406,7 @@ def collect_saved(analysis: StepAnalysis, ctx: StorageContext, plan: Plan, setup
     shared input."""
     saved: dict[str, SavedStorage] = {}
     graph = analysis.model.graph
-    fused = _fused_attention_nodes(analysis) if fused_kernel(setup.attention) else {}
+    fused = _fused_attention_nodes(analysis, ctx) if fused_kernel(setup.attention) else {}
     adapter_at = analysis.adapter_at
     routed = ctx.routed
     combines = {u.combine: u for u in routed_units(analysis, ctx, routed) if u.weights is not None}
@@ -593,7 +599,7 @@ def _lora_saved(analysis: StepAnalysis, ctx: StorageContext, index: int, plan: P
     # pure half base, fp32 adapters (PEFT's default): x is cast to fp32 first, so A keeps an fp32
     # x (or dropped x) and B an fp32 x·A; under autocast x stays fp32 through dropout, and A keeps
     # autocast's half copy of what it multiplies
-    fp32_adapter = ctx.precision.adapter == 4 and act == 2 and not ctx.precision.autocast
+    fp32_adapter = ctx.precision.fp32_adapters_on_half_base
     dropout_dtype = 4 if fp32_adapter or ctx.precision.autocast else act      # bytes dropout runs in
     items: list = [Extra(f"lora_xa@{node.name}", rows * adapter.rank * (4 if fp32_adapter else act))]
     if plan.lora_dropout > 0:        # A keeps the dropped copy; the mask is kept only if x needs a gradient
@@ -627,7 +633,7 @@ def _dora_saved(ctx: StorageContext, node: Node, adapter, rows: int) -> list:
     B·A itself is made through an identity matrix and detached: not kept. With LoRA dropout the base product runs again, on the dropped input in the adapter's input
     dtype, as F.linear(x', W.to(x'.dtype)): it keeps the cast weight for dX when that is a new
     tensor (an fp32 copy of a half W for fp32 adapters; autocast's half copy of a frozen W)."""
-    fp32_adapter = ctx.precision.adapter == 4 and ctx.precision.activation == 2 and not ctx.precision.autocast
+    fp32_adapter = ctx.precision.fp32_adapters_on_half_base
     adapter_out = 4 if fp32_adapter else ctx.act_bytes("MatMul")
     base_bytes = adapter_out if adapter.dropout > 0 else ctx.element_bytes(node.outputs[0])
     if adapter.dropout <= 0 and ctx.precision.autocast and _adds_a_bias(ctx, node):

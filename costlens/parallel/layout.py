@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil, prod
 
-from costlens.gradients import StepAnalysis
+from costlens.gradients import StepAnalysis, gradient_sites
 from costlens.optimizers import state_bytes, step_temporaries
 from costlens.roles.types import Role
 from costlens.storages import Precision
@@ -38,12 +38,7 @@ def tensors_of(analysis: StepAnalysis, tp: int, ep: int = 1) -> list[Tensor]:
     order of the role map (the optimizer's order). With expert parallelism, per-expert tensors of
     experts another rank holds are left out (rank 0 holds the first ceil(E/ep) of each layer)."""
     roles = analysis.model.roles
-    index_of = {n.name: i for i, n in enumerate(analysis.model.graph.nodes)}
-    # a tied weight (GPT-2's wte = lm_head) gets its gradient at the use backward reaches first,
-    # the last in forward (the LM head), and holds it from there to the end of backward
-    last_use: dict[str, int] = {}
-    for use in roles.params:
-        last_use[use.constant] = max(last_use.get(use.constant, -1), index_of[use.site])
+    last_use = gradient_sites(analysis.model)      # a tied weight's gradient appears at the LM head
     found = []
     elsewhere: set[str] = set()
     seen: dict[tuple, int] = {}          # (layer, kind) -> per-expert tensors met so far: the expert's index
