@@ -1,7 +1,7 @@
 """Per-rank estimate vs measurement on the real transformers modules of the HF corpus configs.
 
     python benchmarks/distributed_accuracy.py [--archs llama,qwen2,gpt2,mixtral] [--plans full,lora-attn-r8]
-        [--shards ddp,zero2,zero3] [--batch 2] [--seq 32] [--out benchmarks/results/distributed_real.json]
+        [--shards ddp,zero1,zero2,zero3,tp] [--gpus 2,4] [--batch 2] [--seq 32] [--out benchmarks/results/distributed_real.json]
 
 Each case is ``validate_distributed`` (what ``costlens validate fixtures/hf/ARCH.config.json --gpus N
 --shard S [--tp T]`` runs): N gloo rank processes on the CPU, each building the real module of
@@ -30,16 +30,28 @@ ROWS = (("peak", "peak bytes (max rank)"), ("weights", "weights bytes"), ("gradi
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "broadcast")
 
 
-def cases(archs, plans, shards, extra: bool):
-    """(arch, plan, gpus, shard, tp) in the order they run."""
-    for arch in archs:
-        for plan in plans:
-            for shard in shards:
-                yield arch, plan, 2, shard, 1
-    if extra and "llama" in archs:
+def cases(archs, plans, shards, extra: bool, gpus=(2,)):
+    """(arch, plan, gpus, shard, tp) in the order they run. A shard "tp" is tensor parallelism of
+    2: alone on 2 ranks, inside FSDP2 zero3 (2 data-parallel x 2 tensor-parallel) on 4."""
+    for n in gpus:
+        for arch in archs:
+            for plan in plans:
+                for shard in shards:
+                    if shard == "tp":
+                        yield arch, plan, n, "ddp" if n == 2 else "zero3", 2
+                    else:
+                        yield arch, plan, n, shard, 1
+    if extra and "llama" in archs and tuple(gpus) == (2,):
         yield "llama", "full", 4, "zero3", 1
         for plan in plans:
             yield "llama", plan, 2, "ddp", 2
+
+
+def mode_of(record) -> str:
+    """The mode column: ddp, zero1, zero2, zero3, tp=T, or zeroN x tp=T (a 2-D mesh)."""
+    if record["tp"] > 1:
+        return f"tp={record['tp']}" if record["shard"] == "ddp" else f"{record['shard']} x tp={record['tp']}"
+    return record["shard"]
 
 
 def run_case(traced, arch, plan_name, gpus, shard, tp, batch, seq) -> dict:
@@ -56,10 +68,12 @@ def run_case(traced, arch, plan_name, gpus, shard, tp, batch, seq) -> dict:
     record = {"arch": arch, "plan": plan_name, "gpus": gpus, "shard": shard, "tp": tp, "truth": validation.truth,
               "seconds": round(time.perf_counter() - start, 1), "estimated_phase": validation.estimated_phase,
               "measured_phase": validation.measured_phase, "ok": validation.ok,
+              "late_free_bytes": max(r.late_free_bytes for r in measured.ranks),
               "command": f"costlens validate fixtures/hf/{arch}.config.json --plan {name}"
                          + "".join(f" --{k} {v}" for k, v in options.items())
                          + f" --batch {batch} --seq {seq} --attention eager --gpus {gpus}"
-                         + (f" --tp {tp}" if tp > 1 else f" --shard {shard}")}
+                         + (f" --tp {tp}" if tp > 1 and shard == "ddp" else f" --shard {shard}")
+                         + (f" --tp {tp}" if tp > 1 and shard != "ddp" else "")}
     for key, quantity in ROWS + tuple((c, f"{c} bytes") for c in COLLECTIVES):
         if quantity in rows:
             c = rows[quantity]
@@ -71,7 +85,7 @@ def table(records) -> str:
     head = f"{'arch':8} {'plan':13} {'N':>2} {'mode':6} {'peak':>8} {'weights':>8} {'grads':>8} {'optim':>8}  collectives"
     lines = [head, "-" * len(head)]
     for r in records:
-        mode = f"tp={r['tp']}" if r["tp"] > 1 and r["shard"] == "ddp" else r["shard"]
+        mode = mode_of(r)
         errors = " ".join(f"{100 * r[k]['error']:+7.2f}%" for k, _ in ROWS)
         comm = ", ".join(f"{c} {'=' if r[c]['estimated'] == r[c]['measured'] else '!='}"
                          f"{'' if r[c]['estimated'] == r[c]['measured'] else ' ' + str(r[c]['estimated'] - r[c]['measured']) + ' B'}"
@@ -86,7 +100,7 @@ def markdown(records) -> str:
              "| phase (est / meas) | collectives: estimate - measured |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        mode = f"tp={r['tp']}" if r["tp"] > 1 and r["shard"] == "ddp" else r["shard"]
+        mode = mode_of(r)
         errors = " | ".join(f"{100 * r[k]['error']:+.2f}%" for k, _ in ROWS)
         comm = ", ".join(f"{c} {r[c]['measured']:,}" + ("" if r[c]["estimated"] == r[c]["measured"]
                                                         else f" ({r[c]['estimated'] - r[c]['measured']:+,} B)")
@@ -103,7 +117,8 @@ def main() -> None:
     parser.add_argument("--shards", default="ddp,zero2,zero3")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--no-extra", action="store_true", help="only the 2-rank matrix")
+    parser.add_argument("--gpus", default="2", help="rank counts of the matrix, e.g. 2,4")
+    parser.add_argument("--no-extra", action="store_true", help="only the matrix (no llama 4-rank zero3, tp=2)")
     parser.add_argument("--out", default=str(HERE / "results" / "distributed_real.json"))
     parser.add_argument("--markdown", metavar="RESULTS.json", help="print the markdown table of a results file")
     args = parser.parse_args()
@@ -117,7 +132,8 @@ def main() -> None:
     archs = args.archs.split(",")
     traced = {}
     records = []
-    for arch, plan, gpus, shard, tp in cases(archs, args.plans.split(","), args.shards.split(","), not args.no_extra):
+    for arch, plan, gpus, shard, tp in cases(archs, args.plans.split(","), args.shards.split(","), not args.no_extra,
+                                             tuple(int(n) for n in args.gpus.split(","))):
         if arch not in traced:
             traced[arch] = costlens.load(str(ROOT / "fixtures" / "hf" / f"{arch}.config.json"))
         records.append(run_case(traced[arch], arch, plan, gpus, shard, tp, args.batch, args.seq))

@@ -541,19 +541,33 @@ def _measure(limit: Limit, plan: dict, document: dict, budget: Budget) -> float:
     return gpus.seconds_per_step(plan["flops"]["step"], accelerator, mfu, dtype)
 
 
-def derived_of(budget: Budget) -> dict[str, str]:
-    """The defaults setup_of derives from another [setup] key, as the plan document records them."""
-    if budget.setup.get("gpu") and "optimizer_impl" not in budget.setup:
-        return {"optimizer_impl": f"foreach, from [setup] gpu = {budget.setup['gpu']!r} (torch's default on CUDA)"}
-    return {}
+def _setup_origin(key: str, value: object) -> str:
+    """How a derived reason names a [setup] key: ``[setup] gpu = 'h100-80gb'``."""
+    return f"[setup] {key} = {value!r}"
 
 
-def setup_of(budget: Budget) -> Setup:
-    """The Setup the budget describes: Setup's defaults for what it leaves out, except that the
-    optimizer steps with ``foreach`` when a GPU is named (torch's CUDA default), as
-    ``costlens compare --gpu`` assumes."""
-    values = dict(budget.setup)
-    if values.get("gpu") and "optimizer_impl" not in values:
-        values["optimizer_impl"] = "foreach"
-    return Setup(**values)
+def resolved_setup(budget: Budget, source=None, revision: str | None = None):
+    """The budget's [setup] with the defaults ``source`` (the MODEL checked; None: no source)
+    decides filled in, as ``costlens plan`` fills them (costlens/defaults.py): a
+    defaults.SourceDefaults (its ``setup()`` and ``derived`` reasons). Keys the file sets win."""
+    from costlens.defaults import source_defaults
+    values = {"batch": Setup.batch, **budget.setup}
+    try:
+        return source_defaults(source, values, budget.setup.keys(), revision=revision, origin=_setup_origin)
+    except CostlensError as e:          # e.g. a static ONNX export asked at another [setup] batch / seq
+        raise BudgetError(f"{budget.source}: [setup]: {e}") from None
 
+
+def derived_of(budget: Budget, source=None) -> dict[str, str]:
+    """The defaults setup_of derives (from another [setup] key, or from ``source``), as the plan
+    document records them."""
+    return dict(resolved_setup(budget, source).derived)
+
+
+def setup_of(budget: Budget, source=None) -> Setup:
+    """The Setup the budget describes on ``source`` (the MODEL checked): what [setup] sets, and
+    for the rest what ``costlens plan SOURCE`` would price: the optimizer steps with ``foreach``
+    when a GPU is named (torch's CUDA default), the attention, loss and experts implementation
+    the source runs, a static ONNX export's shape (costlens/defaults.py). Without a source, the
+    source-free defaults only (Setup's, and foreach with a GPU)."""
+    return resolved_setup(budget, source).setup()

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from costlens.cli_errors import TOLERANCE, friendly_errors
+from costlens.defaults import corpus_experts_impl, experts_default, source_defaults
 from costlens.errors import CostlensError
 from costlens.plans import ATTENTION_IMPLS, EXPERTS_IMPLS, LOSSES, PRECISIONS
 
@@ -187,14 +188,11 @@ def _setup(options: dict, recipe=None):
     values = merge_setup(values, recipe, given)
     if "mfu" in given and not values.get("gpu"):
         raise CostlensError("--mfu sets the utilization of --gpu's peak: give --gpu too (e.g. --gpu h100)")
-    derived = {}
-    if not values["optimizer_impl"]:
-        values["optimizer_impl"] = "foreach" if values["gpu"] else "for-loop"
-        if values["gpu"]:
-            derived["optimizer_impl"] = f"foreach, from --gpu {values['gpu']} (torch's default on CUDA)"
-    derived.update(_source_defaults(values, given | set(recipe.from_file if recipe is not None else ())))
-    if values.get("experts_impl") is None:
-        values["experts_impl"] = _experts_default(click.get_current_context().params.get("model"))
+    params = click.get_current_context().params
+    explicit = given | set(recipe.from_file if recipe is not None else ())
+    resolved = source_defaults(params.get("model"), values, explicit, revision=params.get("revision"),
+                               searched=params.get("search"))         # costlens/defaults.py: one home
+    values, derived = dict(resolved.values), dict(resolved.derived)
     parallel = _parallel_values(options)
     if parallel and options["gpus"] is None and parallel["gpus"] > 1:
         derived["gpus"] = f"{parallel['gpus']}, from --tp {parallel['tp']} x --ep {parallel['ep']}"
@@ -205,99 +203,8 @@ def _setup(options: dict, recipe=None):
     return Setup(**values)
 
 
-def _experts_default(source) -> str:
-    """The experts implementation the source runs (plans.EXPERTS_IMPLS): a Hugging Face source
-    builds transformers 5's module, which runs its config's ``experts_implementation`` or
-    grouped_mm. An ONNX graph written in dense form does not say how the module it came from ran
-    its experts (a graph that gathers expert weights is priced as written, whatever this says):
-    the implementation the HF corpus index records for the file's export, else the per-expert
-    loop, what a hand-written module (and costlens's executor) runs; an import spec: the loop."""
-    from costlens.frontends.source import SourceKind, classify
-    try:
-        found = classify(source)
-    except CostlensError:
-        return "eager"          # the source's own error is reported when it is loaded
-    if found.kind is SourceKind.ONNX:
-        return _corpus_experts_impl(found.path) or "eager"
-    if found.kind is SourceKind.HF_CONFIG:
-        from costlens.frontends.hf_config import read_config_data
-        try:
-            data = read_config_data(found.path)[0]
-        except CostlensError:
-            return "grouped_mm"
-        named = data.get("experts_implementation") or data.get("_experts_implementation")
-        return named if named in EXPERTS_IMPLS else "grouped_mm"
-    return "grouped_mm" if found.kind in (SourceKind.HUB_ID, SourceKind.CONFIG_OBJECT) else "eager"
-
-
-def _corpus_experts_impl(onnx_path) -> str | None:
-    """The experts_implementation the HF corpus index (index.json beside the file, schema
-    costlens.hf_corpus/1) records for this file's export, or None."""
-    try:
-        data = json.loads((Path(onnx_path).parent / "index.json").read_text(encoding="utf-8"))
-        entries = [e for arch in data["archs"].values() for e in (arch.get("exporters") or {}).values()]
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
-        return None
-    if data.get("schema") != "costlens.hf_corpus/1":
-        return None
-    found = [e.get("experts_implementation") for e in entries
-             if isinstance(e, dict) and e.get("file") == Path(onnx_path).name]
-    return found[0] if found and found[0] in EXPERTS_IMPLS else None
-
-
-def _source_defaults(values: dict, explicit: set[str]) -> dict[str, str]:
-    """Defaults the command's MODEL decides, set into ``values`` (issue 16 items 0 and 3): the attention
-    the source runs (frontends/attention_default.py), the loss (a transformers model's own from
-    labels for HF sources), and a static ONNX export's batch and seq, which a
-    different --batch / --seq is refused against (frontends/static_shapes.py). Read before tracing."""
-    params = click.get_current_context().params
-    source = params.get("model")
-    if not isinstance(source, str):
-        values["loss"] = values.get("loss") or "ce"
-        return {}
-    from costlens.frontends.source import SourceKind, classify
-    try:
-        kind = classify(source).kind
-    except CostlensError:        # the source's own error is reported when it is loaded
-        values["attention"] = values.get("attention") or "eager"
-        values["loss"] = values.get("loss") or "ce"
-        return {}
-    onnx_file = kind is SourceKind.ONNX
-    derived = {}
-    if values.get("attention") is None and onnx_file:
-        values["attention"] = "eager"           # what the graph computes (fused ops are priced as fused)
-    elif values.get("attention") is None:
-        from costlens.frontends.attention_default import default_attention
-        chosen = default_attention(source, params.get("revision"))
-        values["attention"] = chosen.value
-        if chosen.from_config:       # a module runs the attention it shows: no news
-            derived["attention"] = f"{chosen.value}, {chosen.why}"
-    if values.get("loss") is None:   # a transformers model given labels computes its own, fp32 loss
-        values["loss"] = "hf" if kind in (SourceKind.HF_CONFIG, SourceKind.HUB_ID) else "ce"
-        if values["loss"] == "hf":
-            derived["loss"] = "hf, as a transformers model computes it from labels (logits upcast to fp32)"
-    if onnx_file:
-        derived.update(_static_defaults(values, explicit, source, params.get("search")))
-    return derived
-
-
-def _static_defaults(values: dict, explicit: set[str], source: str, searched: str | None) -> dict[str, str]:
-    """A static ONNX export's batch / seq into ``values`` when not chosen; a chosen other value, or
-    fit searching a dim (``searched``), refused unless the graph re-binds (issue 16 item 0)."""
-    from costlens.frontends.static_shapes import REEXPORT_HINT, bind_static, rebindability
-    try:
-        static, not_rebindable = rebindability(source)
-    except CostlensError:     # an unreadable file: loading reports it, after the command's usage errors
-        return {}
-    if static is None:
-        return {}
-    if not_rebindable is not None and getattr(static, str(searched), None) is not None:
-        raise CostlensError(f"fit --search {searched} varies {searched}, but {source} was exported with static "
-                            f"shapes ({static.describe()}) and cannot be re-bound ({not_rebindable}); {REEXPORT_HINT}")
-    batch, seq, fixed = bind_static(static, values["batch"] if "batch" in explicit else None, values.get("seq"),
-                                    source, not_rebindable)
-    values["batch"], values["seq"] = batch or values["batch"], seq
-    return fixed
+# kept under their former names: the tests of the MoE defaults import them from here
+_experts_default, _corpus_experts_impl = experts_default, corpus_experts_impl
 
 
 def derived_defaults() -> dict[str, str]:
@@ -327,6 +234,7 @@ def _run_plans(model, plans: list, setup, as_json: bool, html_path: str | None =
     from costlens.render.plan import plan_document, plan_text
 
     results = [(spec, estimate(model, plan, setup)) for spec, plan in plans]
+    _warn_positions(model, setup)
     for _, result in results:
         if result.params.trainable == 0:      # e.g. --freeze all: legal, but rarely what was meant
             click.echo(f"costlens: warning: plan {result.plan.name!r} trains no parameter: "
@@ -345,6 +253,31 @@ def _run_plans(model, plans: list, setup, as_json: bool, html_path: str | None =
     click.echo(json.dumps(document, indent=2) if as_json else text)
     if validate_on and _validation_failed(document):
         sys.exit(1)                       # exit 1: a tolerance exceeded (README, exit codes)
+
+
+def _measure_plan(source: str, chosen, setup, device: str):
+    """A measured step of ``chosen`` on ``source`` (a measure.validate.Validation), the truth
+    ``costlens validate SOURCE`` uses: the real transformers module of a config, folder or hub id,
+    an .onnx file's graph as a torch module, an import spec's module. (Reading a config as an ONNX
+    graph was issue 16's confusing ParseError of ``compare CONFIG --validate``.)"""
+    from costlens.frontends.source import SourceKind, classify
+    from costlens.measure.validate import validate_config, validate_onnx, validate_torch
+    kind = classify(source).kind
+    if kind is SourceKind.ONNX:
+        return validate_onnx(source, chosen, setup, device=device)
+    if kind in (SourceKind.HF_CONFIG, SourceKind.HUB_ID):
+        return validate_config(source, chosen, setup, device=device)
+    return validate_torch(source, chosen, setup, device=device)
+
+
+def _warn_positions(model, setup) -> None:
+    """A warning line on stderr when --seq exceeds a RoPE model's configured positions
+    (defaults.seq_beyond_positions; a learned position table refuses it in the estimate)."""
+    from costlens.defaults import seq_beyond_positions
+    params = click.get_current_context().params
+    warning = seq_beyond_positions(model, setup.seq, params.get("model"), params.get("revision"))
+    if warning:
+        click.echo(f"costlens: warning: {warning}", err=True)
 
 
 def _validation_failed(document: dict) -> bool:
@@ -407,11 +340,11 @@ def _attach_validation(document: dict, model, plans: list, setup, device: str) -
     if importlib.util.find_spec("torch") is None:
         raise CostlensError("--validate runs real training steps: it needs the torch extra (pip install 'costlens[torch]')")
     from costlens.cli_fit import Ticker
-    from costlens.measure.validate import validate_onnx
     progress = Ticker("validating")    # on stderr, and only when it is a terminal
+    source = click.get_current_context().params.get("model") or model.graph.source
     for entry, (spec, chosen) in zip(document["plans"], plans):
         progress(f"plan {entry['name']}")
-        result = validate_onnx(model.graph.source, chosen, setup, device=device)
+        result = _measure_plan(source, chosen, setup, device)
         entry["validation"] = {c.quantity: {"estimated": c.estimated, "measured": c.measured, "error": c.error,
                                              "tolerance": c.tolerance, "verdict": _verdict(c)}
                                for c in result.comparisons}

@@ -131,15 +131,20 @@ def _same_setup(budget, document: dict, source: str) -> None:
 def check(model: str, budget: str, output_format: str, output: str | None, html_path: str | None) -> None:
     """Price the budget file's plans for MODEL; exit 1 when a limit is exceeded."""
     import costlens
-    from costlens.budgets import derived_of, job_of, judge, load_budget, setup_of
+    from costlens.budgets import job_of, judge, load_budget, resolved_setup
+    from costlens.defaults import seq_beyond_positions
     from costlens.estimate import estimate
     from costlens.plans import parse_plan_spec, running_dtype, with_name
     from costlens.render import check as render
     from costlens.render.plan import plan_document
 
     parsed = load_budget(budget)
-    setup = setup_of(parsed)
+    resolved = resolved_setup(parsed, model)       # the defaults `costlens plan MODEL` derives, before tracing
+    setup = resolved.setup()
     loaded = costlens.load(model, dtype=running_dtype(setup.precision))   # a config traced as it runs
+    warning = seq_beyond_positions(loaded, setup.seq, model)
+    if warning:
+        click.echo(f"costlens: warning: {warning}", err=True)
     results = []
     for plan_budget in parsed.plans:
         plan = with_name(parse_plan_spec(plan_budget.spec), plan_budget.name)
@@ -147,7 +152,7 @@ def check(model: str, budget: str, output_format: str, output: str | None, html_
             results.append((plan_budget.spec, estimate(loaded, plan, setup)))
         except CostlensError as e:
             raise CostlensError(f"{budget}: plan {plan_budget.name!r}: {e}") from None
-    document = plan_document(loaded, results, derived=derived_of(parsed), job=job_of(parsed))
+    document = plan_document(loaded, results, derived=dict(resolved.derived), job=job_of(parsed))
     verdicts = judge(parsed, document)
     writers = {"text": lambda: render.check_text(verdicts, model, budget),
                "json": lambda: render.check_json(verdicts, model, budget, document.get("setup") or {}),

@@ -75,6 +75,8 @@ def register(main: click.Group, cli) -> None:
                   help="Also write the frontier as a self-contained HTML page with a chart.")
     @cli.plan_options
     @cli.setup_options
+    @cli.QUANT
+    @cli.job_options
     @cli.TRACER
     @cli.REVISION
     @friendly_errors
@@ -82,7 +84,9 @@ def register(main: click.Group, cli) -> None:
         """Find what fits in a GPU's memory (--gpu l4) or a limit (--memory 24GiB): the largest
         batch, the longest seq, or the cheapest plan. The plan options (--lora, --rank, --train,
         --peft, ...) give the plan a batch or seq search prices; in a plan search they add one
-        candidate. One traced model serves every estimate. Exit 1 when nothing fits."""
+        candidate. --quant stores the frozen base quantized (a plan search then tries the LoRA
+        candidates only); --tokens (or --dataset-tokens) prices each row's whole job. One traced
+        model serves every estimate. Exit 1 when nothing fits."""
         from costlens.fit import fit as search_fit
         from costlens.gpus import gpu as find_gpu
         from costlens.render.fit import fit_document, fit_text, render_fit_html
@@ -92,8 +96,12 @@ def register(main: click.Group, cli) -> None:
         limit = parse_memory(memory) if memory else find_gpu(options["gpu"]).memory_bytes
         fraction = parse_headroom(headroom)
         recipe = cli._recipe(options)
+        job = cli._job(options, recipe)          # the job options price each probe's whole job
         options["optimizer_impl"] = options["optimizer_impl"] or "foreach"     # a GPU step: torch's CUDA default
         setup = cli._setup(options, recipe)
+        if job is not None and setup.gpu:
+            from costlens.jobcost import with_price_table
+            job = with_price_table(job, setup.gpu, "costlens.toml")
         given = {key for key in SEARCH_AXES if key in cli._given_on_command_line(SEARCH_AXES)
                  or (recipe is not None and key in recipe.from_file)}
         user_plan = any(options.get(key) for key in (*cli.PLAN_OPTION_KEYS, "peft"))
@@ -113,7 +121,8 @@ def register(main: click.Group, cli) -> None:
                                 fixed=frozenset(given), progress=ticker)
         finally:
             ticker.close()
-        document = fit_document(loaded, result, recipe)
+        cli._warn_positions(loaded, setup)
+        document = fit_document(loaded, result, recipe, job=job)
         if html_path:
             from pathlib import Path
             try:

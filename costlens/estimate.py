@@ -78,12 +78,12 @@ def estimate(model: Model, plan: Plan, setup: Setup | None = None) -> Estimate:
     analysis = analyze(model, plan, {"batch": setup.batch, "seq": seq}, routed=setup.moe_dispatch == "routed",
                        input_grads=setup.checkpointing)
     flops = count_flops(analysis, setup.checkpointing, setup.attention)
-    memory = estimate_memory(analysis, plan, setup)
+    memory = with_shared_state(estimate_memory(analysis, plan, setup), analysis, setup)
     if setup.base_quant:       # QLoRA: frozen linears stored quantized (costlens/quant.py, issue 16)
         from costlens.quant import quantize_base
         from costlens.storages import Precision
         precision = Precision.of(setup.precision)
-        memory = quantize_base(memory, analysis, setup, precision.weight, precision.activation)
+        memory = quantize_base(memory, analysis, setup, precision.weight, precision.activation, plan)
     return Estimate(
         plan=plan, setup=setup, batch=setup.batch, seq=seq,
         params=_count_params(analysis), memory=memory, flops=flops,
@@ -91,6 +91,17 @@ def estimate(model: Model, plan: Plan, setup: Setup | None = None) -> Estimate:
         unsupported_ops=_unsupported(model, flops), trainable_keys=tuple(sorted(analysis.trainable)),
         adapters=analysis.adapters, model=model,
     )
+
+
+def with_shared_state(memory: MemoryBytes, analysis: StepAnalysis, setup: Setup) -> MemoryBytes:
+    """``memory`` with the optimizer state held once per optimizer (optimizers.shared_state_bytes,
+    e.g. AdamW8bit's quantization maps), which lives through every phase of the step."""
+    from costlens.memory import trainable_shapes
+    from costlens.optimizers import shared_state_bytes
+    shared = shared_state_bytes(setup.optimizer, trainable_shapes(analysis))
+    if not shared:
+        return memory
+    return replace(memory, optimizer=memory.optimizer + shared, peak=memory.peak + shared)
 
 
 def _unsupported(model: Model, flops: FlopCounts) -> Mapping[str, int]:

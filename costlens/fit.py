@@ -180,7 +180,11 @@ def _cheapest_plan(model, setup: Setup, usable: int, extra_plans, fixed: frozens
     leanest = min(variants, key=lambda v: (v[0] != "bf16", v[1] != "adamw-8bit"))
     checkpointing = (setup.checkpointing,) if "checkpointing" in fixed else (False, True)
     probes = []
-    candidates = [*candidate_plans(model), *extra_plans]
+    candidates, notes = candidate_plans(model), ()
+    if setup.base_quant:        # a quantized base weight cannot train (quant.py): adapters only
+        candidates = [(spec, plan) for spec, plan in candidates if plan.lora and not plan.train]
+        notes = (f"--quant {setup.base_quant}: only the LoRA candidates (a quantized base weight cannot train)",)
+    candidates += list(extra_plans)
     for spec, plan in candidates:
         for ckpt in checkpointing:
             progress(f"{plan.name}{' + checkpointing' if ckpt else ''}")
@@ -189,7 +193,7 @@ def _cheapest_plan(model, setup: Setup, usable: int, extra_plans, fixed: frozens
     best = min(fitting, key=lambda p: (p.step_flops, p.concessions, p.peak_bytes)) if fitting else None
     ordered = tuple(sorted(probes, key=lambda p: (p.step_flops, p.peak_bytes)))
     notes = ("cheapest: fewest step FLOPs, then fewest concessions (8-bit optimizer state, bf16 weights without "
-             "fp32 master copies), then the lowest peak",)
+             "fp32 master copies), then the lowest peak", *notes)
     return ordered, best, notes
 
 

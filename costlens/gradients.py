@@ -38,6 +38,7 @@ class Adapter:
     dora: bool = False       # DoRA: a trained magnitude per output (linear adapters only)
     dropout: float = 0.0     # PEFT lora_dropout on the adapter's input
     fan_in_fan_out: bool = False   # the base weight is stored [in, out] (GPT-2's Conv1D)
+    alpha: float = 16.0      # LoRA alpha of the adapter's target: output scale alpha / rank (no cost)
 
     @property
     def dora_weight_grad(self) -> bool:
@@ -172,7 +173,7 @@ def lora_adapters(model: Model, plan: Plan, bindings: dict[str, int]) -> list[Ad
     for target in plan.lora:
         if lora_target_base(target) not in LORA_TARGETS:
             raise PlanError(f"LoRA target {target!r} is not a linear role (choose from {', '.join(LORA_TARGETS)})")
-        rank = plan.rank_for(target)
+        rank = plan.rank_for(target)    # a ROLE.KIND target (experts.gate_up) gives each expert tensor its own
         chosen = select(model.roles.params, target, model.roles)
         for use in model.roles.params:
             # one adapter per weight, however many targets name it (a packed qkv under q and v)
@@ -185,7 +186,8 @@ def lora_adapters(model: Model, plan: Plan, bindings: dict[str, int]) -> list[Ad
                 raise PlanError(f"DoRA on the 3-D expert tensor {use.constant!r}: PEFT runs DoRA on linear "
                                 "layers only (target_parameters do not take use_dora)")
             adapters.append(Adapter(use.key, use.role, site, rank, d_in, d_out, use.n_experts, plan.dora,
-                                    plan.lora_dropout, _stored_in_out(model, site, use, d_in, d_out)))
+                                    plan.lora_dropout, _stored_in_out(model, site, use, d_in, d_out),
+                                    plan.alpha_for(target)))
     return adapters
 
 

@@ -9,6 +9,7 @@ the values of small integer constants (TopK's k, reshape targets) that structure
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Mapping, Union
 
@@ -95,6 +96,35 @@ class Graph:
             return info.dtype
         const = self.constants.get(tensor)
         return const.dtype if const is not None else None
+
+    # The graph's index: built once per graph on first use (a Graph never changes), so no stage
+    # rebuilds the same maps. cached_property writes the instance __dict__, which a frozen
+    # dataclass allows; the maps are not fields, so equality and the graph cache ignore them.
+    @cached_property
+    def node_index(self) -> Mapping[str, int]:
+        """Node name -> its position in ``nodes``."""
+        return MappingProxyType({node.name: index for index, node in enumerate(self.nodes)})
+
+    @cached_property
+    def producer_index(self) -> Mapping[str, int]:
+        """Tensor -> position of the node that outputs it (graph inputs and constants have none)."""
+        return MappingProxyType({out: index for index, node in enumerate(self.nodes) for out in node.outputs if out})
+
+    @cached_property
+    def producers(self) -> Mapping[str, Node]:
+        """Tensor -> the node that outputs it."""
+        return MappingProxyType({out: self.nodes[index] for out, index in self.producer_index.items()})
+
+    @cached_property
+    def consumer_indices(self) -> Mapping[str, tuple[int, ...]]:
+        """Tensor -> positions of the nodes that read it, in order, once per read (``Mul(x, x)``
+        lists its node twice: a chain walk asking "is this the only reader?" must see both)."""
+        readers: dict[str, list[int]] = {}
+        for index, node in enumerate(self.nodes):
+            for name in node.inputs:
+                if name:
+                    readers.setdefault(name, []).append(index)
+        return MappingProxyType({name: tuple(found) for name, found in readers.items()})
 
 
 def frozen_map(items: Mapping) -> Mapping:

@@ -21,6 +21,10 @@ from costlens.shapes import numel
 from costlens.ops.autocast import autocast_grad_copies
 from costlens.storages import VIEW_OPS, Precision, SavedStorage, StorageContext, collect_saved
 
+# torchtune's CEWithChunkedOutputLoss default num_output_chunks, which its recipes pass to the
+# model (set_num_output_chunks); the "chunked-ce" loss is priced at it
+CHUNKED_CE_CHUNKS = 8
+
 
 @dataclass(frozen=True)
 class MemoryBytes:
@@ -99,19 +103,22 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
     saved = collect_saved(analysis, ctx, plan, setup) if trains else {}
     if trains:   # cross-entropy keeps log_softmax(logits), fp32 under autocast
         saved["loss:log_softmax"] = SavedStorage(_loss_bytes(ctx, precision, setup.loss), len(graph.nodes))
+        if setup.loss == "chunked-ce":
+            saved.update(_chunked_head_copies(ctx, saved))
     layer_items, layer_keys = _checkpointed(analysis, saved) if setup.checkpointing else ({}, set())
     held_at_start = sum(item.n_bytes for key, item in saved.items() if key not in layer_keys)
     kept = _layer_inputs(analysis, ctx) if setup.checkpointing else {}   # each freed as its layer's backward ends
     held_at_start += sum(item.n_bytes for item in kept.values())
     activations = held_at_start
 
-    if trains and setup.loss == "hf" and saved["loss:log_softmax"].n_bytes > logits_bytes:
-        logits_bytes += saved["loss:log_softmax"].n_bytes      # HF's logits.float() copy, until the loss
+    if trains and setup.loss in ("hf", "chunked-ce") and saved["loss:log_softmax"].n_bytes > logits_bytes:
+        # the logits.float() copy, until the loss: HF's of the whole logits, torchtune's of one chunk
+        logits_bytes += loss_chunk_bytes(ctx, saved["loss:log_softmax"].n_bytes, setup.loss)
     forward_peak = persistent + activations + logits_bytes     # the logits live until the loss is taken
     if not trains:
         return MemoryBytes(weights, 0, optimizer, 0, forward_peak + _largest_activation(ctx), "forward")
     backward_peak = _simulate_backward(analysis, ctx, {**saved, **kept}, layer_items, layer_keys, persistent,
-                                       held_at_start)
+                                       held_at_start, setup.loss)
     # half weights stepped through fp32 masters: each half gradient is converted to an fp32 one
     # on its master before the inner optimizer steps (all at once, as the master optimizer does)
     master_grads = n_trainable * precision.master
@@ -125,12 +132,89 @@ def estimate_memory(analysis: StepAnalysis, plan: Plan, setup: Setup) -> MemoryB
 
 def _loss_bytes(ctx: StorageContext, precision: Precision, loss: str = "ce") -> int:
     """Bytes of one logits-sized tensor of the loss: autocast runs cross-entropy in fp32 (it
-    upcasts half logits), and so does HF's own loss (``logits.float()`` first), so log_softmax
-    and its gradients are fp32 there; otherwise it runs in the logits' own dtype (half when the
-    weights are half)."""
+    upcasts half logits), and so do HF's own loss and torchtune's chunked one (``.float()``
+    first, of the logits or of each chunk), so log_softmax and its gradients are fp32 there;
+    otherwise it runs in the logits' own dtype (half when the weights are half)."""
     logits = ctx.graph.outputs[0]
     elements = numel(ctx.shape(logits) or ())
-    return elements * (4 if precision.autocast or loss == "hf" else ctx.element_bytes(logits))
+    return elements * (4 if precision.autocast or loss in ("hf", "chunked-ce") else ctx.element_bytes(logits))
+
+
+@dataclass(frozen=True)
+class LossChunks:
+    """How a loss splits the [batch, seq, vocab] logits: ``positions`` sequence positions in
+    each chunk but the last (which holds ``last``), ``count`` chunks. One chunk covering the
+    whole sequence for every loss but "chunked-ce"."""
+
+    positions: int
+    count: int
+    last: int
+
+    def part(self, full: int, seq: int, positions: int | None = None) -> int:
+        """Bytes of ``positions`` (default: one full chunk's) of a ``full``-byte tensor over ``seq``."""
+        return full // seq * (self.positions if positions is None else positions) if seq else full
+
+
+def loss_chunks(ctx: StorageContext, loss: str) -> tuple[LossChunks, int]:
+    """(the chunks, seq). "chunked-ce" is torchtune's CEWithChunkedOutputLoss: the head runs on
+    ``hidden.chunk(CHUNKED_CE_CHUNKS, dim=1)`` (ceil(seq / chunks) positions each, so fewer
+    chunks when seq is short) and each chunk's loss is taken on its own."""
+    shape = ctx.shape(ctx.graph.outputs[0]) or ()
+    seq = shape[-2] if len(shape) >= 2 and shape[-2] else 0
+    if loss != "chunked-ce" or not seq:
+        return LossChunks(seq, 1, seq), seq
+    positions = -(-seq // CHUNKED_CE_CHUNKS)
+    count = -(-seq // positions)
+    return LossChunks(positions, count, seq - (count - 1) * positions), seq
+
+
+def loss_chunk_bytes(ctx: StorageContext, full: int, loss: str) -> int:
+    """Bytes of the part of a logits-sized loss tensor (``full`` bytes) that the loss makes at
+    once: its ``.float()`` copy and the two gradients of its backward (nll_loss's, log_softmax's)
+    exist one chunk at a time under "chunked-ce", for the whole tensor otherwise."""
+    chunks, seq = loss_chunks(ctx, loss)
+    return chunks.part(full, seq)
+
+
+def _head(ctx: StorageContext) -> tuple[int, Node] | None:
+    """(index, node) of the product that makes the logits (the LM head), if found."""
+    head = ctx.producer(ctx.storage(ctx.graph.outputs[0]))
+    return next(((i, n) for i, n in enumerate(ctx.graph.nodes) if n is head), None) if head is not None else None
+
+
+def _chunked_head_copies(ctx: StorageContext, saved: dict) -> dict[str, SavedStorage]:
+    """Under autocast a frozen head's weight is cast to half on every call (autocast caches the
+    casts of weights that train only): with the head run once per chunk, each chunk's matmul
+    keeps its own half copy for dX (ops/autocast.py keys the per-call copy by node)."""
+    found = _head(ctx)
+    if found is None:
+        return {}
+    chunks = loss_chunks(ctx, "chunked-ce")[0]
+    per_call = {k: v for k, v in saved.items() if k.startswith("autocast@") and k.endswith(f"@{found[1].name}")}
+    return {f"{k}#chunk{i}": v for k, v in per_call.items() for i in range(1, chunks.count)}
+
+
+def _chunked_head_peak(ctx: StorageContext, analysis: StepAnalysis, live: int) -> int:
+    """Bytes above the persistent ones while torchtune's chunked loss runs backward through a
+    head that trains: the chunks run one after the other (loss, then head), the head's weight
+    gradients summed in autograd's input buffer; at the second chunk the buffer, that chunk's
+    gradient and their out-of-place sum (the first is a transposed view) are alive, in the dtype
+    the head multiplies in (half under autocast), with the two chunks' log-softmax gone and
+    their input gradients (dX) kept. 0 when the head is frozen or runs once."""
+    found = _head(ctx)
+    chunks, seq = loss_chunks(ctx, "chunked-ce")
+    if found is None or chunks.count < 2 or not ctx.trains(found[1]):
+        return 0
+    index, head = found
+    weight = next((x for x in head.inputs if x and ctx.is_weight(x)), None)
+    if weight is None:
+        return 0
+    width = 2 if ctx.precision.autocast else ctx.element_bytes(weight)
+    log_softmax = _loss_bytes(ctx, ctx.precision, "chunked-ce")
+    last_two = chunks.part(log_softmax, seq, chunks.positions + chunks.last)
+    data = next((x for x in head.inputs if x and not ctx.is_weight(x)), None)
+    input_grads = chunks.part(ctx.nbytes(data), seq, chunks.positions + chunks.last) if data and ctx.needs(data) else 0
+    return live - last_two + 3 * numel(ctx.shape(weight) or ()) * width + input_grads
 
 
 def _by_layer(analysis: StepAnalysis, saved: dict) -> tuple[tuple[int | None, int], ...]:
@@ -143,7 +227,7 @@ def _by_layer(analysis: StepAnalysis, saved: dict) -> tuple[tuple[int | None, in
     return tuple(sorted(totals.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
 
 
-def _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, base, held_at_start) -> int:
+def _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, base, held_at_start, loss: str = "ce") -> int:
     graph = analysis.model.graph
     grads_at = _grads_at(analysis, ctx.precision)
     released: dict[int, int] = {}
@@ -153,7 +237,11 @@ def _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, base, held
     live = held_at_start
     routed = ctx.routed
     grad_logits = saved["loss:log_softmax"].n_bytes  # the loss's dtype: fp32 under autocast
+    grad_logits = loss_chunk_bytes(ctx, grad_logits, loss)
     peak = base + live + 2 * grad_logits          # nll_loss and log_softmax gradients together
+    head = _head(ctx) if loss == "chunked-ce" else None
+    if head is not None:       # torchtune's chunks run loss then head, one chunk after the other
+        peak = max(peak, base + _chunked_head_peak(ctx, analysis, live))
     live -= saved["loss:log_softmax"].n_bytes
     grads = 0
     entered: set[int] = set()
@@ -168,7 +256,10 @@ def _simulate_backward(analysis, ctx, saved, layer_items, layer_keys, base, held
                 released[item.release] = released.get(item.release, 0) + item.n_bytes
         grads += grads_at.get(index, 0)
         share = routed[index][0] if index in routed else 1.0
-        peak = max(peak, base + live + grads + _transient(ctx, graph.nodes[index], share))
+        transient = _transient(ctx, graph.nodes[index], share)
+        if head is not None and index == head[0]:   # the logits' gradient is made and used per chunk
+            transient -= ctx.nbytes(graph.outputs[0]) - loss_chunk_bytes(ctx, ctx.nbytes(graph.outputs[0]), loss)
+        peak = max(peak, base + live + grads + transient)
         live -= released.get(index, 0)
     return peak
 

@@ -42,6 +42,10 @@ LORA_ROLES = (Role.ATTENTION, Role.FFN, Role.ROUTER, Role.EXPERTS, Role.SHARED_E
 # costlens LoRA targets, coarse first: a role that PEFT adapts whole is written as its role
 ROLE_TARGETS = ("attn", "ffn", "router", "experts", "shared_experts", "head")
 KIND_TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
+# one projection kind of the experts: PEFT's transformers-5 rewrite adapts the fused gate_up_proj
+# at rank 2r beside down_proj at r, which the one-rank ``experts`` target cannot say
+PART_TARGETS = tuple(f"{role}.{kind}" for role in ("experts", "shared_experts") for kind in ("gate_up", "gate", "up",
+                                                                                             "down"))
 TRAIN_SELECTORS = ("embed", "head", "norm", "attn", "ffn", "router", "experts", "shared_experts", "other",
                    *KIND_TARGETS)
 # LoRA settings that change what a step costs and that costlens does not price
@@ -162,6 +166,8 @@ def _plan_of(data: dict, model, name: str | None, transformers_model: bool | Non
     adapted, notes = _adapted(data, uses, saved, source, head_is_linear=transformers_model is False)
     ranks = {key: _rank_of(data, key_path, r, source) for key, key_path in adapted.items()}
     lora, rank_of_target = _cover_lora(ranks, model, source)
+    alpha = float(data.get("lora_alpha", 8))
+    alphas = _target_alphas(lora, {key: _alpha_of(data, key_path, alpha) for key, key_path in adapted.items()}, model)
     train = _cover_train(saved, model, source) if saved else []
     spec_items = []
     if lora:
@@ -169,7 +175,7 @@ def _plan_of(data: dict, model, name: str | None, transformers_model: bool | Non
         distinct = set(rank_of_target.values())
         spec_items.append("rank=" + (str(distinct.pop()) if len(distinct) == 1 else
                                      ",".join(f"{t}={rank_of_target[t]}" for t in lora)))
-        spec_items.append(f"alpha={float(data.get('lora_alpha', 8))}")
+        spec_items.append(f"alpha={alpha}" + "".join(f",{t}={a}" for t, a in (alphas or {}).items() if a != alpha))
         dropout = float(data.get("lora_dropout") or 0.0)
         if dropout:
             spec_items.append(f"lora-dropout={dropout}")
@@ -177,8 +183,9 @@ def _plan_of(data: dict, model, name: str | None, transformers_model: bool | Non
             spec_items.append("dora=true")
     if train:
         spec_items.append("train=" + ",".join(train))
-    if data.get("alpha_pattern"):
-        notes.append("alpha_pattern does not change costs (recorded, not priced)")
+    if data.get("alpha_pattern") and alphas is None:
+        notes.append("alpha_pattern does not change costs (recorded, not priced): its alphas differ within a "
+                     "costlens target, so the plan keeps lora_alpha")
     if saved:
         notes.append(f"modules_to_save: PEFT trains a copy of {', '.join(sorted(saved.values()))}; the frozen "
                      "original it also keeps is not in the weights figure")
@@ -320,12 +327,39 @@ def _rank_of(data: dict, path: str, r: int, source: str) -> int:
     return r
 
 
+def _alpha_of(data: dict, path: str, alpha: float) -> float:
+    """PEFT's alpha of one adapted path: the first alpha_pattern key matching as rank_pattern's do."""
+    for key, value in (data.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return float(value)
+    return alpha
+
+
+def _linear_keys(model) -> set[str]:
+    return {u.key for u in model.roles.params if u.kind not in ("bias", "norm", "token", "position") and not u.tied_to}
+
+
+def _target_alphas(lora: list[str], alpha_of: dict[str, float], model) -> dict[str, float] | None:
+    """{target: alpha} of the chosen targets, each the alpha of every use it adapts (as
+    gradients.lora_adapters assigns uses: the first target naming a use takes it); None when a
+    target's uses have different alphas (alpha changes no cost: the caller notes it)."""
+    linear, covered, alphas = _linear_keys(model), set(), {}
+    for target in lora:
+        keys = (_selection(model, target) & linear & set(alpha_of)) - covered
+        covered |= keys
+        found = {alpha_of[k] for k in keys}
+        if len(found) > 1:
+            return None
+        if found:
+            alphas[target] = found.pop()
+    return alphas
+
+
 def _cover_lora(ranks: dict[str, int], model, source: str) -> tuple[list[str], dict[str, int]]:
     """LoRA targets whose selections partition the adapted uses, each at one rank."""
-    linear = {u.key for u in model.roles.params
-              if u.kind not in ("bias", "norm", "token", "position") and not u.tied_to}
+    linear = _linear_keys(model)
     chosen, rank_of, covered = [], {}, set()
-    for target in (*ROLE_TARGETS, *KIND_TARGETS):
+    for target in (*ROLE_TARGETS, *KIND_TARGETS, *PART_TARGETS):
         keys = _selection(model, target) & linear
         if keys and keys <= set(ranks) and not keys & covered and len({ranks[k] for k in keys}) == 1:
             chosen.append(target)
@@ -340,7 +374,8 @@ def _cover_lora(ranks: dict[str, int], model, source: str) -> tuple[list[str], d
         paths = sorted({_display(model, k) for k in left})
         raise PlanError(f"{source}: costlens cannot express LoRA on {', '.join(paths)}: its LoRA targets adapt a "
                         "role or projection kind at one rank in every layer or in a layer range (attn, q, k, v, o, "
-                        "ffn, up, gate, down, router, experts, shared_experts, head; q@layers:A-B)")
+                        "ffn, up, gate, down, router, experts, experts.gate_up, experts.down, shared_experts, head; "
+                        "q@layers:A-B)")
     return chosen, rank_of
 
 
@@ -350,7 +385,7 @@ def _layer_scoped(ranks: dict[str, int], covered: set[str], linear: set[str], mo
     at different ranks by layer. Per kind, runs of consecutive layers at one rank become one
     scoped target; a layer where the kind is only partly adapted stays unexpressed."""
     found = []
-    for target in (*ROLE_TARGETS, *KIND_TARGETS):
+    for target in (*ROLE_TARGETS, *KIND_TARGETS, *PART_TARGETS):
         per_layer: dict[int, int] = {}
         for layer in range(model.roles.architecture.layers):
             keys = _selection(model, f"{target}@layers:{layer}") & linear

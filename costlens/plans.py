@@ -1,8 +1,10 @@
 """Plans (what trains, which adapters, which cuts) and setups (batch, seq, optimizer, ...).
 
 A plan is written by a user as CLI options or as a spec string for `compare`:
-``train=attn,router;lora=attn,experts;rank=attn=8,experts=4;stop-grad=attn``. Parsing and
-validation against a model live here; pricing lives in estimate.py.
+``train=attn,router;lora=attn,experts;rank=attn=8,experts=4;stop-grad=attn``. A MoE's experts take
+one rank per projection kind as ``ROLE.KIND`` targets (PEFT's fused gate_up at 2r beside down at r):
+``lora=attn,experts.gate_up,experts.down;rank=8,experts.gate_up=16;alpha=16,experts.gate_up=32``.
+Parsing and validation against a model live here; pricing lives in estimate.py.
 """
 from __future__ import annotations
 
@@ -33,6 +35,15 @@ ROLE_SELECTORS: dict[str, tuple[Role, frozenset[str] | None]] = {
     "other": (Role.OTHER, None),
 }
 SPECIAL_SELECTORS = ("all", "stacked")
+# ``ROLE.KIND`` selectors: one projection kind of a feed-forward role, so a MoE's experts can hold
+# two ranks (PEFT's transformers-5 rewrite adapts the fused gate_up tensor at 2r, down at r):
+# ``experts.gate_up``, ``experts.down``, ``shared_experts.up``... A kind answers as the bare kind
+# selectors do: ``up`` and ``gate`` also name a fused gate_up tensor, ``gate_up`` names it alone.
+PART_ROLES: dict[str, Role] = {"ffn": Role.FFN, "experts": Role.EXPERTS, "shared_experts": Role.SHARED_EXPERTS}
+PART_KINDS: dict[str, frozenset[str]] = {
+    "gate_up": frozenset({"gate_up"}), "gate": frozenset({"gate", "gate_up"}),
+    "up": frozenset({"up", "gate_up"}), "down": frozenset({"down"}),
+}
 LORA_TARGETS = ("attn", "q", "k", "v", "o", "ffn", "up", "gate", "down", "router", "experts", "shared_experts", "head")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd", "sgd-momentum", "adafactor")
 # fp32; "bf16-autocast"/"fp16-autocast": fp32 weights, gradients and optimizer state, the forward
@@ -55,9 +66,9 @@ ATTENTION_IMPLS = ("eager", "sdpa", "fused")
 # per expert always run a loop.
 EXPERTS_IMPLS = ("eager", "grouped_mm", "batched_mm")
 # "ce": cross-entropy of the logits in their own dtype; "hf": as transformers computes it from
-# labels (logits upcast to fp32, shifted by one, cross-entropy). A chunked loss that never holds
-# the full logits is not priced yet, so it is not offered.
-LOSSES = ("ce", "hf")
+# labels (logits upcast to fp32, shifted by one, cross-entropy); "chunked-ce": torchtune's
+# CEWithChunkedOutputLoss (the head per token chunk, each chunk upcast to fp32 on its own).
+LOSSES = ("ce", "hf", "chunked-ce")
 SHARD_MODES = ("none", "ddp", "zero1", "zero2", "zero3")   # how data-parallel ranks share the model
 OFFLOAD = (None, "optimizer", "params")                    # what lives in host memory between uses
 LAYER_RANGE = re.compile(r"^layers:(\d+)(?:-(\d+))?$")
@@ -79,7 +90,8 @@ class Plan:
     lora: tuple[str, ...] = ()           # LoRA targets (selectors)
     ranks: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     rank: int = 8                        # rank for targets without their own
-    alpha: float = 16.0
+    alpha: float = 16.0                  # LoRA alpha (scale alpha / rank) for targets without their own
+    alphas: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     lora_dropout: float = 0.0
     dora: bool = False                   # PEFT use_dora: a trained magnitude per output, weight-normed
     stack_ffn: int = 0
@@ -88,7 +100,13 @@ class Plan:
     dropout: float = 0.0
 
     def rank_for(self, target: str) -> int:
+        """The LoRA rank of one of the plan's targets (its own, else the plan's)."""
         return self.ranks.get(target, self.rank)
+
+    def alpha_for(self, target: str) -> float:
+        """The LoRA alpha of one of the plan's targets (its own, else the plan's); costs do not
+        depend on it, the adapter's output scale alpha / rank does."""
+        return self.alphas.get(target, self.alpha)
 
 
 @dataclass(frozen=True)
@@ -133,18 +151,38 @@ def split_list(text: str | None) -> tuple[str, ...]:
 
 
 def parse_ranks(text: str | None) -> tuple[int | None, dict[str, int]]:
-    """``8`` -> (8, {}); ``attn=8,router=4`` -> (None, {...})."""
+    """``8`` -> (8, {}); ``attn=8,router=4`` -> (None, {...}); ``8,experts.gate_up=16`` -> (8, {...})
+    (a bare number among the items: the rank of the targets without their own)."""
+    return _per_target(text, "--rank", "N", _positive_int)
+
+
+def parse_alphas(text: str | None) -> tuple[float | None, dict[str, float]]:
+    """LoRA alphas, as ranks are given: ``16`` -> (16.0, {}); ``16,experts.gate_up=32`` -> (16.0, {...})."""
+    return _per_target(text, "--alpha", "ALPHA", lambda value, what: _alpha(value))
+
+
+def _per_target(text, option: str, unit: str, convert) -> tuple:
+    """(default or None, {target: value}) of ``V`` / ``TARGET=V,...`` / ``V,TARGET=V,...``."""
     if not text:
         return None, {}
+    text = str(text)
     if "=" not in text:
-        return _positive_int(text, "--rank"), {}
-    ranks = {}
+        return convert(text.strip(), option), {}
+    default, values = None, {}
     for part in split_list(text):
-        target, _, value = part.partition("=")
-        if not value:
-            raise PlanError(f"--rank: expected TARGET=N, got {part!r}")
-        ranks[target.strip()] = _positive_int(value, f"--rank {target}")
-    return None, ranks
+        target, equals, value = (s.strip() for s in part.partition("="))
+        if not equals:
+            if default is not None:
+                raise PlanError(f"{option}: two values without a target ({default}, {part}): give one, "
+                                f"then TARGET={unit}")
+            default = convert(target, option)
+        elif not value or not target:
+            raise PlanError(f"{option}: expected TARGET={unit}, got {part!r}")
+        elif target in values:
+            raise PlanError(f"{option}: {target!r} is given twice")
+        else:
+            values[target] = convert(value, f"{option} {target}")
+    return default, values
 
 
 def _positive_int(text: str, what: str) -> int:
@@ -180,13 +218,15 @@ def plan_from_options(name: str, train=None, freeze=None, lora=None, rank=None, 
         raise PlanError(f"plan {name!r}: unknown key(s) {', '.join(sorted(unknown))} "
                         f"(known: {', '.join(k.replace('_', '-') for k in PLAN_KEYS)})")
     default_rank, ranks = parse_ranks(rank)
+    default_alpha, alphas = parse_alphas(alpha)
+    _check_parts((*split_list(train), *split_list(freeze), *split_list(lora)))
     _check_consistent(name, split_list(train), split_list(freeze), split_list(lora), ranks,
                       {"rank": rank, "alpha": alpha, "lora-dropout": lora_dropout,
-                       "dora": dora if _flag(dora, "dora") else None})
+                       "dora": dora if _flag(dora, "dora") else None}, alphas)
     plan = Plan(
         name=name, train=split_list(train), freeze=split_list(freeze), lora=split_list(lora),
         ranks=MappingProxyType(ranks), rank=default_rank or 8,
-        alpha=_alpha(alpha),
+        alpha=default_alpha if default_alpha is not None else _alpha(None), alphas=MappingProxyType(alphas),
         lora_dropout=_fraction(lora_dropout, "lora-dropout"), dropout=_fraction(dropout, "dropout"),
         dora=_flag(dora, "dora"),
         stack_ffn=_count(stack_ffn, "stack-ffn"),
@@ -196,7 +236,17 @@ def plan_from_options(name: str, train=None, freeze=None, lora=None, rank=None, 
     return plan
 
 
-def _check_consistent(name: str, train: tuple, freeze: tuple, lora: tuple, ranks: dict, adapter_options: dict) -> None:
+def _check_parts(selectors: tuple[str, ...]) -> None:
+    """Refuse a misspelt ``ROLE.KIND`` selector (``experts.gate_upp``) when the plan is read, not
+    only when a model is priced: the kinds are the same for every model."""
+    for selector in selectors:
+        for part in selector.split("@"):
+            if "." in part:
+                part_selector(part)
+
+
+def _check_consistent(name: str, train: tuple, freeze: tuple, lora: tuple, ranks: dict, adapter_options: dict,
+                      alphas: dict | None = None) -> None:
     """Refuse options that would be silently ignored or contradict each other (issue 16 item 7)."""
     where = f"plan {name!r}: " if name not in ("", "full") and "=" not in name else ""   # spec-named: the options speak
     both = sorted(set(train) & set(freeze))
@@ -208,10 +258,11 @@ def _check_consistent(name: str, train: tuple, freeze: tuple, lora: tuple, ranks
             raise PlanError(f"{where}--{given[0]} sets a LoRA adapter, but the plan has none: add --lora TARGETS "
                             "(e.g. --lora attn)")
         return
-    stray = sorted(set(ranks) - set(lora))
-    if stray:
-        raise PlanError(f"{where}--rank {stray[0]}=...: {stray[0]!r} is not a --lora target "
-                        f"(targets: {', '.join(lora)})")
+    for option, values in (("--rank", ranks), ("--alpha", alphas or {})):
+        stray = sorted(set(values) - set(lora))
+        if stray:
+            raise PlanError(f"{where}{option} {stray[0]}=...: {stray[0]!r} is not a --lora target "
+                            f"(targets: {', '.join(lora)})")
 
 
 def check_unique_names(plans) -> None:
@@ -424,8 +475,10 @@ def select(uses: tuple[ParamUse, ...], selector: str, roles: RoleMap) -> set[str
         if last < first or last >= roles.architecture.layers:
             raise PlanError(f"{selector}: the model has layers 0-{roles.architecture.layers - 1}")
         return {u.key for u in uses if u.layer is not None and first <= u.layer <= last}
+    if "." in selector:
+        return _part(uses, selector)
     if selector not in ROLE_SELECTORS:
-        known = ", ".join([*ROLE_SELECTORS, *SPECIAL_SELECTORS, "layers:A-B"])
+        known = ", ".join([*ROLE_SELECTORS, *SPECIAL_SELECTORS, "layers:A-B", "experts.gate_up (ROLE.KIND)"])
         raise PlanError(f"unknown role {selector!r} (known: {known})")
     role, kinds = ROLE_SELECTORS[selector]
     chosen = {u.key for u in uses if u.role is role and (kinds is None or _kind_matches(u.kind, kinds))}
@@ -470,9 +523,32 @@ def _scoped(uses: tuple[ParamUse, ...], selector: str, roles: RoleMap) -> set[st
     return chosen
 
 
+def part_selector(selector: str) -> tuple[Role, frozenset[str]]:
+    """(role, kinds) of a ``ROLE.KIND`` selector (``experts.gate_up``); PlanError, one line, for a
+    role without projection kinds or an unknown kind. Needs no model: plans are checked on parsing."""
+    role_name, _, kind = selector.partition(".")
+    if role_name not in PART_ROLES:
+        raise PlanError(f"{selector!r}: ROLE.KIND names a projection kind of {', '.join(PART_ROLES)} "
+                        f"(e.g. experts.gate_up); {role_name!r} is not one (attention's kinds are q, k, v, o)")
+    if kind not in PART_KINDS:
+        raise PlanError(f"{selector!r}: unknown {role_name} kind {kind!r} (known: {', '.join(PART_KINDS)})")
+    return PART_ROLES[role_name], PART_KINDS[kind]
+
+
+def _part(uses: tuple[ParamUse, ...], selector: str) -> set[str]:
+    role, kinds = part_selector(selector)
+    chosen = {u.key for u in uses if u.role is role and u.kind in kinds}
+    if not chosen:
+        held = sorted({u.kind for u in uses if u.role is role and u.kind not in ("bias", "norm")})
+        raise PlanError(f"the model has no {selector!r} parameters" +
+                        (f" (its {role.value} hold: {', '.join(held)})" if held else f" (no {role.value} at all)"))
+    return chosen
+
+
 def lora_target_base(target: str) -> str:
-    """The role part of a LoRA target (``q`` of ``q@layers:0-3``): what must be a linear role."""
-    return target.split("@", 1)[0]
+    """The role part of a LoRA target (``q`` of ``q@layers:0-3``, ``experts`` of ``experts.down``):
+    what must be a linear role."""
+    return target.split("@", 1)[0].split(".", 1)[0]
 
 
 def _kind_matches(kind: str, kinds: frozenset[str]) -> bool:

@@ -15,8 +15,15 @@ bitsandbytes layers in tests/test_quant.py where it is installed):
 
 While a quantized linear runs (forward, and backward for its input gradient) bitsandbytes
 dequantizes the whole weight to the compute dtype: one such copy of the largest quantized weight
-is added to the forward and backward peaks. A quantized weight cannot train (no gradient to an
+is added to the forward and backward peaks (an upper bound: the copy lives only while that linear
+runs, which need not be where the peak is). A quantized weight cannot train (no gradient to an
 int8/uint8 tensor): a plan that trains one is refused.
+
+What backward keeps: the 4-bit matmul (``MatMul4Bit``) keeps only the packed weight, which the
+model holds anyway; the int8 one (``MatMul8bitFp`` on the CPU, ``MatMul8bitLt`` on CUDA) keeps its
+input ``A`` on its autograd context whenever backward runs through it, although the frozen weight
+needs no gradient: that input is an activation even where nothing else saves it (bitsandbytes 0.50,
+measured in tests/test_validate_bnb.py).
 """
 from __future__ import annotations
 
@@ -54,11 +61,12 @@ def quantized_uses(uses: tuple[ParamUse, ...]) -> list[ParamUse]:
     return [u for u in uses if u.role in QUANTIZED_ROLES and len(u.shape) == 2 and u.n_params and not u.tied_to]
 
 
-def quantize_base(memory, analysis, setup, weight_bytes: int, compute_bytes: int):
+def quantize_base(memory, analysis, setup, weight_bytes: int, compute_bytes: int, plan=None):
     """``memory`` (a MemoryBytes) with the frozen linear weights stored quantized as ``setup.base_quant``:
     the weights (and every phase's peak) shrink by the bytes saved; the forward and backward peaks
     grow by the dequantized copy of the largest quantized weight (``compute_bytes`` per element).
-    ``weight_bytes``: bytes per element the estimate gave each weight."""
+    ``weight_bytes``: bytes per element the estimate gave each weight; ``plan``: the plan priced (int8's
+    kept inputs are those its saved storages do not already hold)."""
     uses = quantized_uses(analysis.model.roles.params)
     trained = sorted(u.hint or u.key for u in uses if u.key in analysis.trainable)
     if trained:
@@ -68,5 +76,33 @@ def quantize_base(memory, analysis, setup, weight_bytes: int, compute_bytes: int
         return memory
     saved = sum(u.n_params * weight_bytes - quantized_bytes(setup.base_quant, u.shape) for u in uses)
     dequantized = max(u.n_params for u in uses) * compute_bytes
-    peak = memory.peak - saved + (dequantized if memory.peak_phase in ("forward", "backward") else 0)
-    return replace(memory, weights=memory.weights - saved, peak=peak)
+    kept = int8_kept_inputs(analysis, uses, setup, plan) if setup.base_quant == "int8" else 0
+    # the kept inputs live from the forward until their linear's backward: at the forward peak and
+    # at the start of backward, where its peak usually is
+    during_passes = dequantized + kept if memory.peak_phase in ("forward", "backward") else 0
+    return replace(memory, weights=memory.weights - saved, activations=memory.activations + kept,
+                   peak=memory.peak - saved + during_passes)
+
+
+def int8_kept_inputs(analysis, uses: list[ParamUse], setup, plan=None) -> int:
+    """Bytes of the inputs int8 linears keep for backward that nothing else saves: each distinct input
+    storage of a quantized linear that runs backward, less the storages the plan saves already (e.g. a
+    LoRA adapter's input on a same-dtype base)."""
+    from costlens.plans import Plan
+    from costlens.storages import Precision, StorageContext, collect_saved
+    ctx = StorageContext(analysis, Precision.of(setup.precision), setup.device, setup.attention, setup.experts_impl)
+    plan = plan or Plan(name="quant")
+    already = collect_saved(analysis, ctx, plan, setup)
+    index_of = {node.name: i for i, node in enumerate(analysis.model.graph.nodes)}
+    kept: dict[str, int] = {}
+    for use in uses:
+        index = index_of.get(use.site)
+        if index is None or not analysis.runs_backward[index]:
+            continue
+        node = analysis.model.graph.nodes[index]
+        for tensor in node.inputs:
+            if tensor and not ctx.is_weight(tensor) and tensor not in analysis.model.graph.inputs:
+                root = ctx.storage(tensor)
+                if root not in already:
+                    kept[root] = ctx.nbytes(root)
+    return sum(kept.values())

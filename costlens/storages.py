@@ -17,6 +17,7 @@ from costlens.ops.autocast import AUTOCAST_FP32, AUTOCAST_HALF, INT_BYTES, autoc
 from costlens.ops.moe import INDEX_BYTES
 from costlens.ops.saved import Extra, saved_by
 from costlens.plans import Plan, Setup
+from costlens.roles.dropout import dropout_points
 from costlens.shapes import eval_shape, numel
 
 VIEW_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Split",
@@ -104,13 +105,9 @@ class StorageContext:
         self.float_casts_are_views = half_graph and precision.weight == 4
         self.safe_softmax = safe_softmax_guards(self.graph)
         self.fused_inner = silu_sigmoid_outputs(self.graph) | rsqrt_sqrt_outputs(self.graph) | set(self.safe_softmax)
-        self.consumers: dict[str, list[int]] = {}
-        for index, node in enumerate(self.graph.nodes):
-            for name in node.inputs:
-                if name:
-                    self.consumers.setdefault(name, []).append(index)
-        self._index = {n.name: i for i, n in enumerate(self.graph.nodes)}
-        self._producer = {o: n for n in self.graph.nodes for o in n.outputs if o}
+        self.consumers = self.graph.consumer_indices       # tensor -> reading node indices (the graph's index)
+        self._index = self.graph.node_index
+        self._producer = self.graph.producers
         self._receives: set[str] | None = None
         # a fused kernel writes its output [b, s, h, d]-ordered and returns the [b, h, s, d]
         # transpose of it, so HF's transpose(1, 2).reshape(b, s, h·d) after it is a view
@@ -254,7 +251,7 @@ def safe_softmax_guards(graph) -> dict[str, str]:
     """Where(IsNaN(p), 0, p) over a softmax output p, the NaN guard torch.export writes for
     ``_safe_softmax`` (fully masked rows): torch runs it as one op that keeps its one output.
     Maps each guard's output to the softmax output whose storage stands for it."""
-    producer = {o: n for n in graph.nodes for o in n.outputs if o}
+    producer = graph.producers
     found = {}
     for node in graph.nodes:
         if node.op != "Where" or len(node.inputs) < 3:
@@ -332,7 +329,7 @@ def kernel_blocks(model, producer: dict[str, Node] | None = None) -> tuple:
     ones, except where K/V heads are broadcast (``_broadcast_kv_heads``: torch's math path).
     ``producer``: tensor -> producing node, when the caller has the map already."""
     graph = model.graph
-    producer = producer if producer is not None else {o: n for n in graph.nodes for o in n.outputs if o}
+    producer = producer if producer is not None else graph.producers
     return tuple(block for block in model.roles.attentions if block.kind == "eager"
                  and not _broadcast_kv_heads(graph, producer, graph.nodes[block.score_node]))
 
@@ -374,16 +371,13 @@ def routed_expert_nodes(analysis: StepAnalysis) -> dict[int, tuple[float, str, i
     if not analysis.expert_share:
         return {}
     graph = analysis.model.graph
-    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
+    producer = graph.producer_index
     inside: dict[int, tuple[float, str, int]] = {}
     three_d = {u.site: u.n_experts for u in analysis.model.roles.params if u.n_experts}
-    index_of = {n.name: i for i, n in enumerate(graph.nodes)}
+    index_of = graph.node_index
     stacked = {index_of[site]: n for site, n in three_d.items()}
     sites = param_sites(analysis)
-    consumers: dict[str, list[int]] = {}
-    for index, node in enumerate(graph.nodes):
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(index)
+    consumers = graph.consumer_indices
     for unit in analysis.model.roles.ffn_units:
         share = analysis.expert_share.get(unit.down_site)
         if share is None:
@@ -410,7 +404,7 @@ def collect_saved(analysis: StepAnalysis, ctx: StorageContext, plan: Plan, setup
     adapter_at = analysis.adapter_at
     routed = ctx.routed
     combines = {u.combine: u for u in routed_units(analysis, ctx, routed) if u.weights is not None}
-    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
+    producer = graph.producer_index
     for index, node in enumerate(graph.nodes):
         if not analysis.runs_backward[index]:
             continue
@@ -451,7 +445,7 @@ def collect_saved(analysis: StepAnalysis, ctx: StorageContext, plan: Plan, setup
 
 def param_sites(analysis: StepAnalysis) -> set[int]:
     """Indices of the nodes where a parameter meets data."""
-    index_of = {n.name: i for i, n in enumerate(analysis.model.graph.nodes)}
+    index_of = analysis.model.graph.node_index
     return {index_of[u.site] for u in analysis.model.roles.params if u.site in index_of}
 
 
@@ -655,23 +649,14 @@ def _dropout_saved(analysis: StepAnalysis, ctx: StorageContext, plan: Plan):
     dropped copy is what P·V keeps, beside softmax's own output."""
     if plan.dropout <= 0:
         return []
-    graph, roles = analysis.model.graph, analysis.model.roles
     found = []
-    for block in roles.attentions:
-        if block.softmax_node is not None:
-            probs = graph.nodes[block.softmax_node].outputs[0]
-            if ctx.needs(probs):
-                elements = ctx.nbytes(probs) // ctx.element_bytes(probs)
-                found.append((f"drop_mask@{probs}", elements * ctx.mask_bytes, block.softmax_node))
-                found.append((f"drop_probs@{probs}", elements * ctx.precision.activation, block.context_node))
-        for site in block.o_sites:
-            found += _mask_after(analysis, ctx, site)
-    for unit in roles.ffn_units:
-        found += _mask_after(analysis, ctx, unit.down_site)
-    token = next((u for u in roles.params if u.kind == "token"), None)
-    if token is not None:
-        index = next(i for i, n in enumerate(graph.nodes) if n.name == token.site)
-        found += _mask_after(analysis, ctx, index)
+    for point in dropout_points(analysis.model.graph, analysis.model.roles):
+        if not point.on_probabilities:
+            found += _mask_after(analysis, ctx, point.node)
+        elif ctx.needs(point.tensor):
+            elements = ctx.nbytes(point.tensor) // ctx.element_bytes(point.tensor)
+            found.append((f"drop_mask@{point.tensor}", elements * ctx.mask_bytes, point.node))
+            found.append((f"drop_probs@{point.tensor}", elements * ctx.precision.activation, point.reader))
     return found
 
 

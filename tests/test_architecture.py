@@ -119,3 +119,4 @@ def test_the_docstring_finder_finds_a_missing_docstring():
 
 def test_every_public_definition_has_a_docstring():
     assert _undocumented_in_package() == []
+

@@ -254,3 +254,20 @@ def test_derived_optimizer_impl_is_recorded():
     assert "from [setup] gpu" in derived_of(parse_budget('[setup]\ngpu = "h100"\n[[plan]]\nspec = "full"\nstep_flops = 1\n'))["optimizer_impl"]
     assert derived_of(parse_budget('[setup]\ngpu = "h100"\noptimizer_impl = "for-loop"\n'
                                    '[[plan]]\nspec = "full"\nstep_flops = 1\n')) == {}
+
+
+def test_setup_of_a_source_takes_the_defaults_plan_derives():
+    """costlens/defaults.py is the one home: the budget's Setup on an HF config equals what the
+    Python API's setup_for gives for the same values, keys the file sets win."""
+    pytest.importorskip("transformers")
+    from costlens.api import setup_for
+    from costlens.budgets import derived_of
+    config = str(ROOT / "fixtures" / "hf" / "llama.config.json")
+    budget = parse_budget('[setup]\nbatch = 2\ngpu = "l4"\n[[plan]]\nspec = "full"\nstep_flops = 1\n')
+    assert setup_of(budget, config) == setup_for(config, batch=2, gpu="l4")
+    assert setup_of(budget, config).loss == "hf" and setup_of(budget).loss == "ce"     # no source: fixed defaults
+    reasons = derived_of(budget, config)
+    assert reasons["optimizer_impl"].startswith("foreach, from [setup] gpu = 'l4'") and "loss" in reasons
+    chosen = parse_budget('[setup]\nloss = "ce"\nattention = "fused"\n[[plan]]\nspec = "full"\nstep_flops = 1\n')
+    assert (setup_of(chosen, config).loss, setup_of(chosen, config).attention) == ("ce", "fused")
+    assert "loss" not in derived_of(chosen, config) and "attention" not in derived_of(chosen, config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -233,3 +234,132 @@ def test_constant_node_with_value_ints_becomes_a_constant(tmp_path):
     assert graph.small_values["target"] == (4, 2)
     assert [n.op for n in graph.nodes] == ["Reshape"]
     assert "target" not in graph.tensors   # constants are never activations
+
+
+# --------------------------------------------------------------------------- ties (issue 9)
+# A tiny LM built by hand: input_ids -> Gather(table [V, H]) -> Relu -> head -> logits [b, s, V].
+# The TorchScript exporter writes a tied head as an anonymous transposed copy of the table
+# (``onnx::MatMul_N`` [H, V]); the front end must see from the values that it is one tensor.
+VOCAB, HIDDEN = 12, 6
+
+
+def _tiny_lm(table, head, gemm: bool = False) -> onnx.ModelProto:
+    """``head`` is the MatMul weight [H, V] (or, with ``gemm``, a Gemm weight [V, H] read with transB)."""
+    from onnx import numpy_helper
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB])
+    nodes = [helper.make_node("Gather", ["embed.weight", "input_ids"], ["h"], name="embed/Gather"),
+             helper.make_node("Relu", ["h"], ["a"], name="act")]
+    if gemm:
+        shape = helper.make_tensor("flat", TensorProto.INT64, [2], [-1, HIDDEN])
+        back = helper.make_tensor("back", TensorProto.INT64, [3], [0, 0, VOCAB])
+        nodes += [helper.make_node("Constant", [], ["flat_shape"], value=shape),
+                  helper.make_node("Reshape", ["a", "flat_shape"], ["a2"], name="flat"),
+                  helper.make_node("Gemm", ["a2", "onnx::Gemm_7"], ["l2"], name="lm_head/Gemm", transB=1),
+                  helper.make_node("Constant", [], ["back_shape"], value=back),
+                  helper.make_node("Shape", ["h"], ["hs"], name="shape"),
+                  helper.make_node("Reshape", ["l2", "back_shape"], ["logits"], name="unflat", allowzero=0)]
+        names = ("embed.weight", "onnx::Gemm_7")
+    else:
+        nodes.append(helper.make_node("MatMul", ["a", "onnx::MatMul_7"], ["logits"], name="lm_head/MatMul"))
+        names = ("embed.weight", "onnx::MatMul_7")
+    inits = [numpy_helper.from_array(np.ascontiguousarray(v, dtype=np.float32), n) for n, v in zip(names, (table, head))]
+    return _model(nodes, [ids], [logits], inits)
+
+
+def _table(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 0.02, (VOCAB, HIDDEN)).astype(np.float32)
+
+
+def _roles(path: Path):
+    """The graph and its roles (the tiny LM has no attention, which ``costlens.load`` requires)."""
+    from types import SimpleNamespace
+    from costlens.roles.locate import locate_roles
+    graph = load_onnx(path)
+    return SimpleNamespace(graph=graph, roles=locate_roles(graph, require_attention=False))
+
+
+def test_transposed_copy_of_the_table_is_one_tensor(tmp_path):
+    """By hand: one [12, 6] table used twice = 72 parameters, not 144; the head reads the table
+    through a Transpose and is tied to it, so freezing either freezes both."""
+    table = _table()
+    model = _roles(_save(_tiny_lm(table, table.T), tmp_path / "tied.onnx"))
+    assert "onnx::MatMul_7" not in model.graph.constants
+    view = next(n for n in model.graph.nodes if "onnx::MatMul_7" in n.outputs)
+    assert (view.op, view.inputs, view.attr("perm")) == ("Transpose", ("embed.weight",), (1, 0))
+    assert model.roles.params_total == VOCAB * HIDDEN
+    assert model.roles.architecture.tied_embedding
+    head = next(u for u in model.roles.params if u.role.value == "lm_head")
+    assert head.tied_to == "embed.weight" and head.n_params == 0
+    assert any("is the transpose of 'embed.weight'" in w for w in model.graph.warnings)
+    assert model.graph.tensors["logits"].shape == ("batch", "seq", VOCAB)
+
+
+def test_same_shape_head_with_other_values_is_two_tensors(tmp_path):
+    """A head of the tied head's shape but other values (one element differs) is a second tensor:
+    2 x 72 parameters, no tie, and nothing to say (both were compared)."""
+    table = _table()
+    head = table.T.copy()
+    head[3, 9] += 1e-3             # column 9 is outside the sampled block: the full compare decides
+    model = _roles(_save(_tiny_lm(table, head), tmp_path / "untied.onnx"))
+    assert "onnx::MatMul_7" in model.graph.constants
+    assert model.roles.params_total == 2 * VOCAB * HIDDEN
+    assert not model.roles.architecture.tied_embedding
+    assert not [w for w in model.graph.warnings if "transpose" in w or "cannot be seen" in w]
+    other = _roles(_save(_tiny_lm(table, _table(seed=1).T), tmp_path / "random.onnx"))
+    assert other.roles.params_total == 2 * VOCAB * HIDDEN
+
+
+def test_identical_copy_read_by_gemm_is_one_tensor(tmp_path):
+    """A Gemm(transB=1) head holding an identical [V, H] copy: merged through an Identity."""
+    table = _table()
+    model = _roles(_save(_tiny_lm(table, table.copy(), gemm=True), tmp_path / "gemm.onnx"))
+    view = next(n for n in model.graph.nodes if "onnx::Gemm_7" in n.outputs)
+    assert (view.op, view.inputs) == ("Identity", ("embed.weight",))
+    assert model.roles.params_total == VOCAB * HIDDEN
+
+
+def test_constant_tables_are_no_evidence_of_a_tie(tmp_path):
+    """Two all-zero matrices are equal but need not be one tensor (an untrained head): not merged."""
+    zeros = np.zeros((VOCAB, HIDDEN), np.float32)
+    graph = load_onnx(_save(_tiny_lm(zeros, zeros.T), tmp_path / "zeros.onnx"))
+    assert "onnx::MatMul_7" in graph.constants
+    assert not [n for n in graph.nodes if n.op == "Transpose"]
+
+
+def _save_external(model: onnx.ModelProto, directory: Path) -> Path:
+    for tensor in model.graph.initializer:
+        set_external_data(tensor, location="w.bin")
+    path = directory / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
+    return path
+
+
+def test_tie_is_seen_in_external_data_and_a_note_says_when_it_cannot_be(tmp_path):
+    """External weights inside the model's folder are compared (memory-mapped); with the weight
+    file gone the count stays two tensors and the result says a tie cannot be seen."""
+    table = _table()
+    path = _save_external(_tiny_lm(table, table.T), tmp_path)
+    assert all(uses_external_data(t) for t in onnx.load_model(str(path), load_external_data=False).graph.initializer)
+    assert _roles(path).roles.params_total == VOCAB * HIDDEN
+    (tmp_path / "w.bin").unlink()
+    weight_free = _roles(path)
+    assert weight_free.roles.params_total == 2 * VOCAB * HIDDEN
+    notes = [w for w in weight_free.graph.warnings if "cannot be seen" in w]
+    assert len(notes) == 1 and "'onnx::MatMul_7' [6, 12]" in notes[0] and f"{VOCAB * HIDDEN:,} parameters" in notes[0]
+
+
+def test_external_data_outside_the_folder_is_never_compared(tmp_path):
+    """A copy whose data lies outside the model's folder is not read for tie detection either."""
+    inner = tmp_path / "model"
+    inner.mkdir()
+    table = _table()
+    model = _tiny_lm(table, table.T)
+    (tmp_path / "outside.bin").write_bytes(np.ascontiguousarray(table.T).tobytes())
+    head = next(t for t in model.graph.initializer if t.name == "onnx::MatMul_7")
+    set_external_data(head, location="../outside.bin", offset=0, length=table.nbytes)
+    head.ClearField("raw_data")
+    graph = load_onnx(_save(model, inner / "m.onnx"))
+    assert "onnx::MatMul_7" in graph.constants
+    assert any("leaves the model's folder" in w for w in graph.warnings)
+    assert any("cannot be seen" in w for w in graph.warnings)

@@ -231,8 +231,8 @@ def corpus_plan(arch: str, config: dict):
 
 
 # PEFT 0.21 rewrites mixtral and the types it maps to qwen2_moe (deepseek_v3, olmoe, qwen3_moe), not
-# qwen2_moe itself; the rewrite puts gate_up_proj at rank 2r, so the expert down_proj is written at 2r
-# too (rank_pattern) for costlens' one-rank experts target to express it
+# qwen2_moe itself; the rewrite puts gate_up_proj at rank 2r: with down_proj at 2r too (rank_pattern) the
+# experts hold one rank (the experts target); at r, two (experts.gate_up, experts.down: TWO_RANK_CASES)
 REWRITE_CASES = [
     *[(arch, {"target_modules": ATTENTION, "r": 8}) for arch in ("deepseek_v3", "mixtral", "qwen2_moe", "olmoe",
                                                                  "qwen3_moe")],
@@ -256,23 +256,82 @@ def test_moe_config_counts_what_peft_trains_after_its_rewrite(arch, config):
         assert "gate_up_proj" in rewritten[0] and ("gate_proj" in rewritten[0] or "w1" in rewritten[0])
 
 
-@pytest.mark.parametrize("arch, targets", [("deepseek_v3", ALL_PROJECTIONS), ("mixtral", MIXTRAL_ALL),
-                                           ("olmoe", ALL_PROJECTIONS), ("qwen3_moe", ALL_PROJECTIONS)])
-def test_rewritten_experts_at_two_ranks_are_refused_with_the_rewrite_named(arch, targets):
-    config = {"target_modules": targets, "r": 8}
-    with pytest.raises(PlanError) as error:
-        corpus_plan(arch, config)
-    # PEFT: gate_up_proj at r16 beside the experts' down_proj at r8; costlens' experts target has one rank
-    assert all(n in str(error.value) for n in ("experts gate_up", "gate_up_proj at rank 16", "rewrites")), \
-        str(error.value)
+TWO_RANK_CASES = [("deepseek_v3", ALL_PROJECTIONS), ("mixtral", MIXTRAL_ALL), ("olmoe", ALL_PROJECTIONS),
+                  ("qwen3_moe", ALL_PROJECTIONS), ("qwen3_moe", [*ALL_PROJECTIONS, "gate"])]
+
+
+@pytest.mark.parametrize("arch, targets", TWO_RANK_CASES)
+def test_rewritten_experts_at_two_ranks_are_priced_as_peft_trains_them(arch, targets):
+    config = {"target_modules": targets, "r": 8, "lora_alpha": 16}
+    model, result = corpus_plan(arch, config)
+    # PEFT: gate_up_proj at r16 and alpha 32 beside the experts' down_proj at r8 (alpha 16)
+    plan = result.plan
+    assert (plan.rank_for("experts.gate_up"), plan.rank_for("experts.down")) == (16, 8), result.spec
+    assert (plan.alpha_for("experts.gate_up"), plan.alpha_for("experts.down")) == (32.0, 16.0), result.spec
+    assert "experts.gate_up=16" in result.spec and "experts.gate_up=32.0" in result.spec
+    assert any("rewrites the targets" in n and "gate_up_proj at rank 16, alpha 32" in n for n in result.notes)
+    expected = peft_count(corpus_module(arch), dict(config))
+    assert costlens.estimate(model, plan, SEQ).params.trainable == expected
     # the names matched as written (the plan before the rewrite) are not what PEFT trains
-    model = costlens.load(HF_CORPUS / f"{arch}.config.json")
     try:
         as_written = costlens.estimate(model, plan_from_peft(dict(config), model, transformers_model=True).plan,
                                        SEQ).params.trainable
     except PlanError:
         as_written = None
-    assert as_written != peft_count(corpus_module(arch), config)
+    assert as_written != expected
+
+
+def test_all_linear_on_fused_experts_takes_two_ranks():
+    config = {"target_modules": "all-linear", "r": 4, "lora_alpha": 8}
+    model, result = corpus_plan("mixtral", config)
+    assert (result.plan.rank_for("experts.gate_up"), result.plan.rank_for("experts.down")) == (8, 4)
+    assert costlens.estimate(model, result.plan, SEQ).params.trainable == \
+        peft_count(corpus_module("mixtral"), dict(config))
+
+
+def test_what_stays_inexpressible_after_the_rewrite_names_it():
+    with pytest.raises(PlanError) as error:
+        corpus_plan("olmoe", {"target_modules": [*ALL_PROJECTIONS, "embed_tokens"], "r": 8})
+    message = str(error.value)
+    assert "embed_tokens" in message and "rewrites the targets" in message and "\n" not in message, message
+
+
+def lora_layout(wrapped) -> list[tuple]:
+    """(rank, scaling, A shape, B shape) of every LoRA layer PEFT built, sorted: what a plan adapts,
+    whatever order the wrappers of one module's tensors were nested in."""
+    found = []
+    for _, sub in wrapped.named_modules():
+        if hasattr(sub, "lora_A") and "default" in getattr(sub, "r", {}):
+            found.append((sub.r["default"], sub.scaling["default"], tuple(sub.lora_A["default"].weight.shape),
+                          tuple(sub.lora_B["default"].weight.shape)))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("arch, targets", [("mixtral", MIXTRAL_ALL), ("olmoe", ALL_PROJECTIONS)])
+def test_apply_plan_builds_the_adapters_pefts_rewrite_builds(arch, targets):
+    from costlens.measure.validate import apply_plan
+    config = {"target_modules": targets, "r": 8, "lora_alpha": 16}
+    model, result = corpus_plan(arch, config)
+    priced = costlens.estimate(model, result.plan, SEQ)
+    ours = lora_layout(apply_plan(corpus_module(arch), model, priced))
+    pefts = lora_layout(peft.get_peft_model(corpus_module(arch), peft.LoraConfig(**config)))
+    assert ours == pefts and {(r, scaling) for r, scaling, *_ in ours} == {(8, 2.0), (16, 2.0)}
+
+
+def test_validate_measures_the_two_expert_ranks(tmp_path):
+    config = {"target_modules": MIXTRAL_ALL, "r": 8, "lora_alpha": 16}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["validate", str(HF_CORPUS / "mixtral.config.json"), "--peft", str(tmp_path),
+                                       "--batch", "2", "--seq", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["quantity"]: row for row in json.loads(result.stdout)["comparisons"]}
+    expected = peft_count(corpus_module("mixtral"), config)
+    assert rows["trainable params"]["measured"] == rows["trainable params"]["estimated"] == expected
+    peak = rows["peak bytes"]
+    assert abs(peak["estimated"] - peak["measured"]) <= 0.03 * peak["measured"], peak
+    for quantity in ("forward FLOPs", "step FLOPs"):          # the real step under FlopCounterMode
+        assert rows[quantity]["ok"], rows[quantity]
+    assert "did not match any targeted module" not in result.stderr     # PEFT 0.21's false warning, filtered
 
 
 def test_without_pefts_rewrite_the_names_are_matched_as_written(monkeypatch):

@@ -237,3 +237,44 @@ def test_fit_refuses_to_search_a_dim_it_cannot_rebind(tmp_path):
     got = json.loads(run("fit", tmp_path / "static.onnx", "--memory", "64MiB", "--seq", 32, "--json").stdout)
     truth = json.loads(run("fit", tmp_path / "dynamic.onnx", "--memory", "64MiB", "--seq", 32, "--json").stdout)
     assert got["answer"] == truth["answer"] and got["answer"]["batch"] > 2      # searched beyond the export
+
+
+# --------------------------------------------------------------------------- the Python API (issue 16 leftovers, item 2)
+
+def test_api_estimate_refuses_a_shape_a_static_export_cannot_price(tmp_path):
+    """costlens.api.estimate refuses as the CLI does (PlanError with the reason), rather than
+    returning the export's numbers labelled with another batch; its own shape is priced."""
+    import costlens
+    from costlens import api
+    from costlens.errors import PlanError
+    _graph(tmp_path / "one.onnx", [1, 32])                     # a dim of 1: never re-bound
+    _graph(tmp_path / "custom.onnx", [2, 32], hidden_op="com.example.Mystery")   # no rule: not re-bound
+    one, custom = api.load(tmp_path / "one.onnx"), api.load(tmp_path / "custom.onnx")
+    plan = costlens.Plan(train=("all",))
+    with pytest.raises(PlanError, match=r"static shapes \(input_ids \[1, 32\]\).*not batch 4"):
+        api.estimate(one, plan, costlens.Setup(batch=4, seq=32))
+    with pytest.raises(PlanError, match=r"cannot be re-bound \(.*com\.example\.Mystery.*not seq 64"):
+        api.estimate(custom, plan, costlens.Setup(batch=2, seq=64))
+    # the unchosen seq is the export's (not the 2048 default the graph cannot price), equal to the CLI's
+    own = api.estimate(one, plan, costlens.Setup())
+    assert (own.batch, own.seq) == (1, 32)
+
+
+def test_api_estimate_leaves_rebound_and_dynamic_graphs_alone(tmp_path):
+    """A re-bound static graph prices any shape as the same graph written with dynamic dims."""
+    import costlens
+    from costlens import api
+    _graph(tmp_path / "static.onnx", [2, 32])
+    _graph(tmp_path / "dynamic.onnx", ["batch", "seq"])
+    setup, plan = costlens.Setup(batch=8, seq=48), costlens.Plan(train=("all",))
+    got = api.estimate(api.load(tmp_path / "static.onnx"), plan, setup)
+    truth = api.estimate(api.load(tmp_path / "dynamic.onnx"), plan, setup)
+    assert (got.batch, got.seq) == (8, 48) and got.memory == truth.memory and got.flops.step == truth.flops.step
+
+
+def test_setup_for_gives_a_static_exports_shape_as_the_cli_does(tmp_path):
+    from costlens.api import setup_for
+    _graph(tmp_path / "one.onnx", [1, 32])
+    assert (setup_for(tmp_path / "one.onnx").batch, setup_for(tmp_path / "one.onnx").seq) == (1, 32)
+    with pytest.raises(Exception, match="not batch 4"):
+        setup_for(tmp_path / "one.onnx", batch=4)

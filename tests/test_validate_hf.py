@@ -190,7 +190,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert "--precision" in _one_line_exit_2(["validate", str(path), "--precision", "fp8"])
     assert "cuda" in _one_line_exit_2(["validate", str(path), "--device", "cuda"]) or torch.cuda.is_available()
     assert "chunked" in _one_line_exit_2(["validate", str(path), "--loss", "chunked"])
-    assert "bitsandbytes" in _one_line_exit_2(["validate", str(path), "--optimizer", "adamw-8bit"])
     onnx = tmp_path / "lonely.onnx"
     onnx.write_bytes(b"not used")
     assert "--tiny" in _one_line_exit_2(["validate", str(onnx), "--tiny"])

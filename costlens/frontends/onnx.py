@@ -1,7 +1,10 @@
 """ONNX front end: a model file -> the graph IR, graph only.
 
-Weights are never read: the file is parsed with ``load_external_data=False``, so a model
-whose weights sit in a 100 GB external file loads as fast as its graph. Shapes are inferred
+Weights are not loaded: the file is parsed with ``load_external_data=False``, so a model
+whose weights sit in a 100 GB external file loads as fast as its graph. The one exception is
+tie detection (``merge_tied_copies``, issue 9): 2-D float initializers whose shapes pair up are
+compared where the file holds their data (a sampled block first, memory-mapped, only inside the
+model's folder), because an exporter that writes a tied weight twice shows it only in the values. Shapes are inferred
 symbolically in ``batch`` and ``seq`` with onnxruntime's symbolic shape inference (ONNX's
 own inference is the fallback). Because that inference reads initializer *values* where it
 can, external initializers are handed to it as typed graph inputs instead.
@@ -10,8 +13,10 @@ from __future__ import annotations
 
 import ast
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
@@ -71,6 +76,18 @@ def read_external_tensor(tensor: TensorProto, model_dir: str | os.PathLike) -> N
     """Load an external initializer's bytes into ``tensor.raw_data``, for stages that need
     weights: only from a regular file inside the model's folder (``resolve_external_path``),
     with the offset and length checked against the file and the tensor's size."""
+    target, offset, end = external_span(tensor, model_dir)
+    with open(target, "rb") as handle:
+        handle.seek(offset)
+        tensor.raw_data = handle.read(end - offset)
+    tensor.data_location = TensorProto.DEFAULT
+    del tensor.external_data[:]
+
+
+def external_span(tensor: TensorProto, model_dir: str | os.PathLike) -> tuple[Path, int, int]:
+    """(file, start, end) in bytes of an external initializer's data, checked: a regular file
+    inside the model's folder, the span inside the file and as long as the tensor's dtype and
+    dims need. Raises UnsafePathError or ModelFormatError; nothing is read."""
     entries = {e.key: e.value for e in tensor.external_data}
     location, name = entries.get("location", ""), _short(tensor.name)
     target = resolve_external_path(model_dir, location)
@@ -91,11 +108,7 @@ def read_external_tensor(tensor: TensorProto, model_dir: str | os.PathLike) -> N
     if expected is not None and expected != end - offset:
         raise ModelFormatError(f"initializer {name!r}: {end - offset:,} bytes of external data for "
                                f"{expected:,} bytes of {dtype_name(tensor.data_type)} {list(tensor.dims)}")
-    with open(target, "rb") as handle:
-        handle.seek(offset)
-        tensor.raw_data = handle.read(end - offset)
-    tensor.data_location = TensorProto.DEFAULT
-    del tensor.external_data[:]
+    return target, offset, end
 
 
 def _n_bytes(tensor: TensorProto) -> int | None:
@@ -327,15 +340,361 @@ def _tensor_of(value: onnx.ValueInfoProto) -> Tensor:
     return Tensor(name=value.name, shape=shape, dtype=dtype_name(tensor_type.elem_type, f"tensor {_short(value.name)!r}"))
 
 
+# --------------------------------------------------------------------------- ties
+
+# An exporter can write one tensor of the model twice: torch.onnx's TorchScript exporter stores a
+# tied lm_head as a transposed copy of the token table under an anonymous name (gpt2:
+# ``onnx::MatMul_656 [64, 256]`` beside ``transformer.wte.weight [256, 64]``). Only the values show
+# it, so where the file holds them, 2-D float initializers whose shapes pair up are compared.
+TIE_SAMPLE = 8                  # rows and columns of the block every candidate is compared on first
+TIE_CHUNK_BYTES = 1 << 24       # a full comparison reads slices of about this many bytes at a time
+TIE_NODE_PREFIX = "costlens.tie/"
+_TIE_TYPES = frozenset((TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE))
+_GOLDEN = 0.6180339887498949    # spreads the sampled rows over a dim without a regular stride
+
+
+@dataclass(frozen=True)
+class Tie:
+    """Initializer ``copy`` holds exactly the values of ``original`` (``transposed``: of its
+    transpose): one tensor of the model, which the graph now reads through a view node."""
+
+    copy: str
+    original: str
+    transposed: bool
+
+
+class _TensorBits:
+    """Initializer data as unsigned integers of the dtype's width (bit patterns: -0.0, NaN and
+    bfloat16 compare exactly), or None where the file does not hold it. External data goes
+    through one read-only memory map per file, checked by ``external_span`` (inside the model's
+    folder, inside the file): a sampled block touches a few pages, never the whole tensor."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self._maps: dict[Path, np.ndarray] = {}
+        self._arrays: dict[str, np.ndarray | None] = {}
+
+    def array(self, tensor: TensorProto) -> np.ndarray | None:
+        """The tensor's bits shaped as its dims, or None (no data, unreadable, inconsistent)."""
+        if tensor.name not in self._arrays:
+            try:
+                self._arrays[tensor.name] = self._read(tensor)
+            except (UnsafePathError, ModelFormatError, OSError, ValueError, TypeError):
+                self._arrays[tensor.name] = None   # a graph-only load never needed these bytes
+        return self._arrays[tensor.name]
+
+    def _read(self, tensor: TensorProto) -> np.ndarray | None:
+        dims = tuple(int(d) for d in tensor.dims)
+        width = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        bits = np.dtype(f"<u{width}")
+        if external_location(tensor) is not None:
+            target, start, end = external_span(tensor, self.model_dir)
+            if target not in self._maps:
+                self._maps[target] = np.memmap(target, dtype=np.uint8, mode="r")
+            return self._maps[target][start:end].view(bits).reshape(dims)
+        if tensor.raw_data:
+            return np.frombuffer(tensor.raw_data, dtype=bits).reshape(dims)
+        values = np.ascontiguousarray(numpy_helper.to_array(tensor))   # float_data / int32_data fields
+        if values.size == 0 or values.shape != dims:
+            return None
+        return values.view(f"<u{values.itemsize}")
+
+    def close(self) -> None:
+        """Drop the memory maps (the files close with them)."""
+        self._maps.clear()
+        self._arrays.clear()
+
+
+def merge_tied_copies(model: onnx.ModelProto, model_dir: Path, warnings: list) -> tuple[Tie, ...]:
+    """Find initializers that are bit-for-bit copies or transposes of another and make each copy a
+    view of its original (a Transpose or Identity node just before its first reader), so one tensor
+    of the model is one constant: a tie is counted once and trains or freezes as one.
+
+    Only 2-D float initializers whose shape (or its transpose) another one has are read: a
+    TIE_SAMPLE x TIE_SAMPLE block of each first (matched by hashing, so many same-shape matrices
+    cost one pass), the full tensors only for a pair whose blocks agree. A tensor whose block is
+    one repeated value (zeros) is no evidence and is never merged. Where the data is not in the
+    file, nothing is merged; a pair that looks like an exporter's tied head is said in ``warnings``."""
+    graph = model.graph
+    readers = _top_level_readers(graph)
+    candidates = _tie_candidates(graph, readers)
+    source = _TensorBits(model_dir)
+    try:
+        ties = _verified_ties(candidates, source, readers)
+        _note_unseen_ties(graph, readers, source, ties, warnings)
+    finally:
+        source.close()
+    by_name = {t.name: t for t in graph.initializer}
+    for tie in ties:
+        copy, original = by_name[tie.copy], by_name[tie.original]
+        warnings.append(f"initializer {_short(tie.copy)!r} {list(copy.dims)} is "
+                        f"{'the transpose' if tie.transposed else 'a copy'} of {_short(tie.original)!r} "
+                        f"{list(original.dims)}, bit for bit: one tensor written twice by the exporter "
+                        f"(a tied weight), counted once")
+    _rewrite_as_views(graph, ties, readers)
+    return ties
+
+
+def _top_level_readers(graph: onnx.GraphProto) -> dict[str, list[tuple[int, int, str]]]:
+    """Per tensor name: (node index, input slot, op type) of every top-level node reading it."""
+    readers: dict[str, list[tuple[int, int, str]]] = {}
+    for index, node in enumerate(graph.node):
+        for slot, name in enumerate(node.input):
+            if name:
+                readers.setdefault(name, []).append((index, slot, node.op_type))
+    return readers
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names read anywhere inside the graph's subgraphs (If / Loop / Scan bodies): a constant they
+    read from the outer scope is left alone."""
+    names: set[str] = set()
+    stack = [a.g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    stack += [g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+    while stack:
+        sub = stack.pop()
+        for node in sub.node:
+            names.update(node.input)
+            stack += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            stack += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+    return names
+
+
+def _tie_candidates(graph: onnx.GraphProto, readers: dict) -> list[TensorProto]:
+    """2-D float initializers (both dims > 1) read by top-level nodes only, whose dtype and shape
+    or transposed shape another such initializer has, in file order."""
+    inner = _subgraph_reads(graph)
+    matrices = [t for t in graph.initializer
+                if t.data_type in _TIE_TYPES and len(t.dims) == 2 and min(t.dims) > 1
+                and t.name in readers and t.name not in inner]
+    count: dict[tuple, int] = {}
+    for tensor in matrices:
+        key = (tensor.data_type, tuple(sorted(tensor.dims)))
+        count[key] = count.get(key, 0) + 1
+    return [t for t in matrices if count[(t.data_type, tuple(sorted(t.dims)))] > 1]
+
+
+def _sample_rows(size: int) -> np.ndarray:
+    """TIE_SAMPLE indices spread over a dim of ``size``; a function of the size alone, so a
+    tensor's block and its transpose's block hold the same elements."""
+    return np.unique((np.arange(TIE_SAMPLE) * _GOLDEN % 1.0 * size).astype(np.int64))
+
+
+def _block(values: np.ndarray) -> np.ndarray:
+    return values[np.ix_(_sample_rows(values.shape[0]), _sample_rows(values.shape[1]))]
+
+
+def _verified_ties(candidates: list[TensorProto], source: _TensorBits, readers: dict) -> tuple[Tie, ...]:
+    """Candidates whose sampled blocks agree and whose full data then agrees, as ties to the one
+    original of each group (``_original_of``)."""
+    seen: dict[tuple, list[str]] = {}
+    arrays: dict[str, np.ndarray] = {}
+    groups = _ParityGroups()
+    for tensor in candidates:
+        values = source.array(tensor)
+        if values is None:
+            continue
+        block = _block(values)
+        if np.all(block == block.flat[0]):
+            continue                                # zeros or a fill value: no evidence of one tensor
+        arrays[tensor.name] = values
+        shape = tuple(values.shape)
+        copy_key = (tensor.data_type, shape, block.tobytes())
+        transpose_key = (tensor.data_type, shape[::-1], np.ascontiguousarray(block.T).tobytes())
+        for key, transposed in ((copy_key, False), (transpose_key, True)):
+            for other in seen.get(key, ()):
+                if not groups.joined(other, tensor.name) and _same_bits(arrays[other], values, transposed):
+                    groups.join(other, tensor.name, transposed)
+        seen.setdefault(copy_key, []).append(tensor.name)
+    order = {t.name: i for i, t in enumerate(candidates)}
+    ties = []
+    for members in groups.groups():
+        original = _original_of(members, readers, order)
+        for member in members:
+            if member != original:
+                ties.append(Tie(member, original, groups.parity(member) != groups.parity(original)))
+    return tuple(sorted(ties, key=lambda t: order[t.copy]))
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray, transposed: bool) -> bool:
+    """Is ``b`` exactly ``a`` (or ``a``'s transpose)? Compared in slices of rows of ``a``."""
+    if b.shape != (a.shape[::-1] if transposed else a.shape):
+        return False
+    step = max(1, TIE_CHUNK_BYTES // max(1, a.shape[1] * a.itemsize))
+    for start in range(0, a.shape[0], step):
+        right = b[:, start:start + step].T if transposed else b[start:start + step]
+        if not np.array_equal(a[start:start + step], right):
+            return False
+    return True
+
+
+def _original_of(members: list[str], readers: dict, order: dict) -> str:
+    """The name a group of equal tensors keeps: the token table an embedding lookup (Gather) reads,
+    else a name the exporter gave (not ``onnx::...``), else the first in the file."""
+    def rank(name: str) -> tuple:
+        return (not _is_table(name, readers), name.startswith("onnx::"), order[name])
+    return min(members, key=rank)
+
+
+def _is_table(name: str, readers: dict) -> bool:
+    """Is ``name`` read as the table of an embedding lookup (Gather's data input)?"""
+    return any(op == "Gather" and slot == 0 for _, slot, op in readers.get(name, ()))
+
+
+class _ParityGroups:
+    """Union-find over tensor names where each member knows whether it is its root's transpose."""
+
+    def __init__(self):
+        self._parent: dict[str, str] = {}
+        self._flip: dict[str, bool] = {}
+
+    def _find(self, name: str) -> tuple[str, bool]:
+        flip = False
+        while self._parent.get(name, name) != name:
+            flip ^= self._flip[name]
+            name = self._parent[name]
+        return name, flip
+
+    def joined(self, a: str, b: str) -> bool:
+        """Are ``a`` and ``b`` already one tensor?"""
+        return a in self._parent and b in self._parent and self._find(a)[0] == self._find(b)[0]
+
+    def join(self, a: str, b: str, transposed: bool) -> None:
+        """Record that ``b`` is ``a`` (its transpose when ``transposed``)."""
+        for name in (a, b):
+            self._parent.setdefault(name, name)
+            self._flip.setdefault(name, False)
+        (root_a, flip_a), (root_b, flip_b) = self._find(a), self._find(b)
+        if root_a != root_b:
+            self._parent[root_b], self._flip[root_b] = root_a, flip_a ^ flip_b ^ transposed
+
+    def parity(self, name: str) -> bool:
+        """Is ``name`` the transpose of its group's root?"""
+        return self._find(name)[1]
+
+    def groups(self) -> list[list[str]]:
+        """Members of each group of two or more, in the order they were first joined."""
+        found: dict[str, list[str]] = {}
+        for name in self._parent:
+            found.setdefault(self._find(name)[0], []).append(name)
+        return [members for members in found.values() if len(members) > 1]
+
+
+def _rewrite_as_views(graph: onnx.GraphProto, ties: tuple[Tie, ...], readers: dict) -> None:
+    """Each copy stops being an initializer: a Transpose (perm [1, 0]) or Identity of its original,
+    inserted just before the copy's first reader, produces a tensor of the copy's name, as the
+    dynamo exporter writes a tied head (``Transpose(embed_tokens.weight)`` into the head's MatMul)."""
+    if not ties:
+        return
+    copies = {t.copy for t in ties}
+    kept = [t for t in graph.initializer if t.name not in copies]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    inputs = [v for v in graph.input if v.name not in copies]      # IR < 4 lists initializers as inputs
+    del graph.input[:]
+    graph.input.extend(inputs)
+    views = sorted(((min(i for i, _, _ in readers[t.copy]), t) for t in ties), key=lambda p: p[0], reverse=True)
+    for position, tie in views:                     # from the back: earlier positions stay valid
+        if tie.transposed:
+            view = onnx.helper.make_node("Transpose", [tie.original], [tie.copy], name=TIE_NODE_PREFIX + tie.copy,
+                                         perm=[1, 0])
+        else:
+            view = onnx.helper.make_node("Identity", [tie.original], [tie.copy], name=TIE_NODE_PREFIX + tie.copy)
+        graph.node.insert(position, view)
+
+
+_ID_VIEWS = frozenset({"Reshape", "Cast", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+
+
+def _note_unseen_ties(graph: onnx.GraphProto, readers: dict, source: _TensorBits, ties, warnings: list) -> None:
+    """A token table [V, H] and a head that cannot be compared with it (the file holds no data for
+    one of them) is the TorchScript exporter's tied head or a separate head: which one, only the
+    values can tell. Both are counted; the note says so (``_is_unseen_head``: that exporter's
+    pattern only; the table is what a Gather of the token ids, a graph input, reads)."""
+    merged = {t.copy for t in ties} | {t.original for t in ties}
+    by_name = {t.name: t for t in graph.initializer if t.data_type in _TIE_TYPES and len(t.dims) == 2}
+    producers = {out: node for node in graph.node for out in node.output if out}
+    tables = [t for name, t in by_name.items() if name not in merged and _is_token_table(name, graph, readers, producers)]
+    for table in tables:
+        for name, head in by_name.items():
+            if name == table.name or name in merged or not _is_unseen_head(head, table, graph, readers):
+                continue
+            if source.array(table) is not None and source.array(head) is not None:
+                continue                            # compared, and different: two tensors
+            warnings.append(f"the head's weight {_short(name)!r} {list(head.dims)} matches the shape of the token "
+                            f"table {_short(table.name)!r} {list(table.dims)} and the file holds no weights to "
+                            f"compare them: a tied head written as a copy (as torch.onnx's TorchScript exporter "
+                            f"does) cannot be seen, so both are counted ({_n_elements(head):,} parameters too many "
+                            f"if they are one tensor)")
+
+
+def _is_token_table(name: str, graph: onnx.GraphProto, readers: dict, producers: dict) -> bool:
+    """Does a Gather read ``name`` as its table with indices that are a graph input (through
+    reshapes and casts): the token ids, not positions?"""
+    graph_inputs = {v.name for v in graph.input}
+    for index, slot, op in readers.get(name, ()):
+        if op != "Gather" or slot != 0 or len(graph.node[index].input) < 2:
+            continue
+        tensor = graph.node[index].input[1]
+        for _ in range(4):
+            if tensor in graph_inputs:
+                return True
+            node = producers.get(tensor)
+            if node is None or node.op_type not in _ID_VIEWS or not node.input:
+                break
+            tensor = node.input[0]
+    return False
+
+
+# between the head's product and the logits: views, a bias, a final softcap (tanh(x / c) * c)
+_TO_LOGITS = frozenset({"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Add", "Div", "Mul", "Tanh"})
+
+
+def _is_unseen_head(head: TensorProto, table: TensorProto, graph: onnx.GraphProto, readers: dict) -> bool:
+    """Is ``head`` the TorchScript exporter's head weight for this table: a folded constant
+    (``onnx::...``), as a MatMul weight [H, V] or a Gemm weight [H, V] or [V, H] (transB), whose
+    product becomes a graph output through views, a bias or a softcap?"""
+    dims, table_dims = tuple(head.dims), tuple(table.dims)
+    if not head.name.startswith("onnx::"):
+        return False                # a named head beside the table: the exporter kept two tensors
+    outputs = {v.name for v in graph.output}
+    for index, slot, op in readers.get(head.name, ()):
+        shaped = dims == table_dims[::-1] or (op == "Gemm" and dims == table_dims)
+        if op in ("MatMul", "Gemm") and slot == 1 and shaped and _reaches_output(graph, index, readers, outputs):
+            return True
+    return False
+
+
+def _reaches_output(graph: onnx.GraphProto, index: int, readers: dict, outputs: set, depth: int = 4) -> bool:
+    frontier = [(out, 0) for out in graph.node[index].output]
+    while frontier:
+        tensor, level = frontier.pop()
+        if tensor in outputs:
+            return True
+        if level < depth:
+            frontier += [(out, level + 1) for i, _, op in readers.get(tensor, ()) if op in _TO_LOGITS
+                         for out in graph.node[i].output]
+    return False
+
+
+def _n_elements(tensor: TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count
+
+
 # --------------------------------------------------------------------------- entry
 
 def load_onnx(path: str | os.PathLike) -> Graph:
-    """Read an ONNX file into the graph IR (no weight bytes are read)."""
+    """Read an ONNX file into the graph IR (no weight bytes are read, but for the sampled blocks,
+    and the full data of a matching pair, that ``merge_tied_copies`` compares)."""
     model = read_model(path)
     model_dir = Path(path).resolve().parent
     warnings: list[str] = []
     from costlens.frontends.static_shapes import symbolize   # issue 16 item 0: static exports re-bound
     model = symbolize(model, warnings)
+    merge_tied_copies(model, model_dir, warnings)    # issue 9: a tie the exporter wrote twice is one tensor
     graph = model.graph
 
     constants: dict[str, Constant] = {}

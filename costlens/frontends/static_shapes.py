@@ -97,6 +97,40 @@ def bind_static(static: StaticShape, batch: int | None, seq: int | None, source:
     return batch, seq, derived
 
 
+def unbound_static_shape(graph) -> tuple[StaticShape, str] | None:
+    """(static shape, why it could not be re-bound) of an IR Graph whose ONNX token input kept
+    static dims after loading (``symbolize`` re-binds the graphs it can, so what is left static
+    prices the exported shape only); None for any other graph."""
+    notes = [w for w in graph.warnings if w.startswith("static shapes (") and "priced at that shape only" in w]
+    if not notes:            # only the ONNX loader's symbolize writes it: other front ends trace symbolic dims
+        return None
+    gather_indices = {n.inputs[1] for n in graph.nodes if n.op == "Gather" and len(n.inputs) > 1}
+    for name in graph.inputs:
+        tensor = graph.tensors.get(name)
+        if name not in gather_indices or tensor is None or tensor.dtype not in ("int64", "int32"):
+            continue
+        if tensor.shape is None or len(tensor.shape) != 2:
+            continue
+        fixed = [d if isinstance(d, int) else None for d in tensor.shape]
+        if all(d is None for d in fixed):
+            return None
+        why = notes[0].split("priced at that shape only (", 1)[-1].removesuffix(")")
+        return StaticShape(name, fixed[0], fixed[1]), why
+    return None
+
+
+def bound_shape(graph, batch: int, seq: int | None) -> tuple[int, int | None]:
+    """(batch, seq) a setup may price on ``graph``: as given on a dynamic (or re-bound) graph; on a
+    static graph that could not be re-bound, an unchosen seq (None) is the export's and a batch or
+    seq other than the export's is refused (PlanError naming the shape and the re-export fix)."""
+    found = unbound_static_shape(graph)
+    if found is None:
+        return batch, seq
+    static, why = found
+    _, seq, _ = bind_static(static, batch, seq, graph.source, why)
+    return batch, seq
+
+
 # --------------------------------------------------------------------------- re-binding
 
 MIN_STATIC = 2      # a dim exported at 1 cannot be told from a broadcast axis

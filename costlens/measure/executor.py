@@ -32,6 +32,7 @@ from costlens.errors import CostlensError
 from costlens.measure.torch_ops import OPS, run_op
 from costlens.storages import rsqrt_sqrt_outputs, silu_sigmoid_outputs
 from costlens.plans import Plan
+from costlens.roles.dropout import dropout_points
 from costlens.stacking import STACKED_PREFIX
 
 SAFE = re.compile(r"[^0-9A-Za-z_]")
@@ -68,7 +69,7 @@ class GraphExecutor(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         self.params = nn.ParameterDict()
         self._param_of: dict[tuple[int, str], str] = {}        # (site node, constant) -> parameter slot
-        index_of = {n.name: i for i, n in enumerate(self.graph.nodes)}
+        index_of = self.graph.node_index
         for use in self.roles.params:
             if use.n_params == 0:                             # a tied use shares its twin's parameter
                 continue
@@ -96,7 +97,7 @@ class GraphExecutor(nn.Module):
         self._silu = silu_sigmoid_outputs(self.graph)
         self._rsqrt = rsqrt_sqrt_outputs(self.graph)
         self._dropped = _dropout_points(model, plan)
-        self._producer = {o: i for i, n in enumerate(self.graph.nodes) for o in n.outputs if o}
+        self._producer = self.graph.producer_index
         self._constant_derived = analysis.weights
         self._last_use = _last_uses(self.graph)
         self._claim_paths(index_of)
@@ -210,7 +211,7 @@ class _LoRA(nn.Module):
 def _slot_of(graph, site: int, constant: str) -> int:
     """Which input of the site carries this constant (directly or through weight-only ops)."""
     node = graph.nodes[site]
-    producers = {o: n for n in graph.nodes for o in n.outputs if o}
+    producers = graph.producers
     for slot, name in enumerate(node.inputs):
         frontier = [name]
         while frontier:
@@ -248,17 +249,7 @@ def _last_uses(graph) -> dict[str, int]:
 
 
 def _dropout_points(model: Model, plan: Plan) -> set[str]:
-    """Where GPT-2/BERT apply training dropout, as the estimator prices it (memory.py)."""
+    """The tensors dropped in training (roles/dropout.py, the places the estimator prices)."""
     if plan.dropout <= 0:
         return set()
-    graph, roles = model.graph, model.roles
-    points = set()
-    for block in roles.attentions:
-        if block.softmax_node is not None:
-            points.add(graph.nodes[block.softmax_node].outputs[0])
-        points.update(graph.nodes[s].outputs[0] for s in block.o_sites)
-    points.update(graph.nodes[u.down_site].outputs[0] for u in roles.ffn_units)
-    token = next((u for u in roles.params if u.kind == "token"), None)
-    if token is not None:
-        points.update(n.outputs[0] for n in graph.nodes if n.name == token.site)
-    return points
+    return {point.tensor for point in dropout_points(model.graph, model.roles)}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from costlens.errors import PlanError
@@ -41,6 +42,9 @@ MLA_WIDTHS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_d
 INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "ffn_hidden_size", "moe_intermediate_size",
                      "shared_expert_intermediate_size")
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+# QLoRA as users load it: from_pretrained(dtype=D, quantization_config=BitsAndBytesConfig(compute dtype D)),
+# D the precision's weight dtype; "-mixed" would cast the packed uint8 weights, autocast is not measured
+QUANT_PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -153,16 +157,16 @@ def _shrink_experts(small, most: int) -> None:
 
 def check_recipe(setup, device: str) -> None:
     """Refuse (PlanError, one line) what cannot be measured here, saying why."""
+    import importlib.util
     import torch
-    if getattr(setup, "base_quant", None):
-        raise PlanError(f"validate cannot measure --quant {setup.base_quant}: the quantized base needs bitsandbytes "
-                        "on a CUDA device (not installed here); the estimate still prices it (costlens plan)")
-    if setup.optimizer == "adamw-8bit":
-        import importlib.util
-        if importlib.util.find_spec("bitsandbytes") is None or device == "cpu":
-            raise PlanError("validate cannot run adamw-8bit here: it needs bitsandbytes on a CUDA device "
-                            "(no CPU implementation is installed); the estimate still prices it (costlens plan)")
-        raise PlanError("validate does not run bitsandbytes' 8-bit AdamW yet")
+    needs_bnb = [f"--quant {setup.base_quant}"] if getattr(setup, "base_quant", None) else []
+    needs_bnb += ["--optimizer adamw-8bit"] if setup.optimizer == "adamw-8bit" else []
+    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        raise PlanError(f"validate cannot measure {' and '.join(needs_bnb)}: bitsandbytes is not installed "
+                        "(pip install 'costlens[quant]'); the estimate still prices it (costlens plan)")
+    if getattr(setup, "base_quant", None) and setup.precision not in QUANT_PRECISIONS:
+        raise PlanError(f"validate measures --quant with --precision {' or '.join(QUANT_PRECISIONS)} (the weights "
+                        f"and bitsandbytes' compute dtype), not {setup.precision}")
     if setup.precision == "fp16-autocast" and not _autocast_fp16_works(torch, device):
         raise PlanError(f"fp16-autocast: torch {torch.__version__} has no float16 autocast on {device}")
 
@@ -208,9 +212,11 @@ def build_real_module(config, setup, dropout: float = 0.0, seed: int = 0):
     # pure bf16 as from_pretrained(dtype=bfloat16) builds it: parameters bf16, buffers computed in
     # fp32 (RoPE inv_freq) stay fp32; built before PEFT, so its adapters stay fp32 (PEFT's default)
     dtype = torch.bfloat16 if setup.precision == "bf16" else torch.float32
+    kwargs = dict(attn_implementation=attention, dtype=dtype, **_experts_kwargs(transformers, config, setup))
     try:
-        module = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype,
-                                                               **_experts_kwargs(transformers, config, setup))
+        module = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+        if getattr(setup, "base_quant", None):
+            module = _quantized(transformers, module, setup, kwargs)
     except Exception as e:  # noqa: BLE001 - a config transformers cannot build, in one line
         raise ConfigError(f"could not build the {config.model_type} module ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
@@ -218,6 +224,120 @@ def build_real_module(config, setup, dropout: float = 0.0, seed: int = 0):
     if setup.checkpointing:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return module
+
+
+def bnb_config(transformers, setup, dtype):
+    """The ``BitsAndBytesConfig`` of ``setup.base_quant`` as QLoRA users write it: nf4 (with double
+    quantization for "nf4-dq") computing in ``dtype``, or LLM.int8 (``load_in_8bit``)."""
+    if setup.base_quant == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=setup.base_quant == "nf4-dq",
+                                           bnb_4bit_compute_dtype=dtype)
+
+
+def _quantized(transformers, module, setup, kwargs: dict):
+    """``module`` loaded back quantized, the way QLoRA runs: saved to a temporary folder and read by
+    ``from_pretrained(quantization_config=...)`` on the CPU (transformers' bitsandbytes integration
+    swaps each nn.Linear but the head for a Linear4bit / Linear8bitLt). No
+    ``prepare_model_for_kbit_training``: norms and embeddings keep the precision's dtype, as priced."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="costlens-qlora-") as folder, _quiet_loading(transformers):
+        count_bnb_flops()       # imports bitsandbytes (which logs a missing optional CPU kernel) quietly
+        module.save_pretrained(folder)
+        del module
+        # loaded on the measured device itself: measure_step's .to(device) is then a no-op and the quantization
+        # state registered below stays the one storage the layers read
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=bnb_config(transformers, setup, kwargs["dtype"]),
+            device_map=getattr(setup, "device", None) or "cpu", **kwargs)
+    expose_quant_state(quantized)
+    return quantized
+
+
+def quant_state_tensors(weight) -> list:
+    """The tensors beside a bitsandbytes weight's packed data that it needs to compute: nf4's
+    per-block absmax and code table (double quantization: uint8 absmax, the second-level absmax,
+    code and offset); int8's per-row scales (``SCB``). Empty for any other weight."""
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        tensors = [state.absmax, state.code]
+        if state.nested:
+            tensors += [state.state2.absmax, state.state2.code, state.offset]
+        return tensors
+    scales = getattr(weight, "SCB", None)
+    return [scales] if scales is not None else []
+
+
+def expose_quant_state(module) -> None:
+    """bitsandbytes keeps each quantized weight's scales and code tables on the weight object, not as
+    parameters or buffers, so the measurement (which counts parameters and buffers as weights) would
+    not see them although they live as long as the weight: registered as non-persistent buffers of
+    their layer (the same storages; the state_dict is unchanged)."""
+    for layer in list(module.modules()):
+        for index, tensor in enumerate(quant_state_tensors(getattr(layer, "weight", None))):
+            layer.register_buffer(f"costlens_quant_state_{index}", tensor, persistent=False)
+
+
+def _gemm_4bit_flops(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
+    """2·M·N·K of ``bitsandbytes::gemm_4bit`` (A [..., K] against the [N, K] weight it dequantizes
+    inside the op): FlopCounterMode has no formula for it and would miss every forward matmul of a
+    4-bit linear (its backward runs aten.matmul on a dequantized copy, which torch counts)."""
+    return 2 * math.prod(a_shape[:-1]) * shape_b[0] * shape_b[1]
+
+
+def count_bnb_flops() -> None:
+    """Give torch's FlopCounterMode the formula of bitsandbytes' fused 4-bit matmul (once)."""
+    import torch
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+    import bitsandbytes  # noqa: F401  (registers the torch.ops.bitsandbytes namespace)
+    op = torch.ops.bitsandbytes.gemm_4bit
+    if op.default not in flop_registry:
+        register_flop_formula(op)(_gemm_4bit_flops)
+
+
+@contextmanager
+def bnb_optimizer_in_measure(optimizer: str):
+    """While it is open, ``measure_step`` builds ``optimizer`` "adamw-8bit" as bitsandbytes'
+    ``AdamW8bit`` (defaults: blockwise, min_8bit_size 4096). measure/step.py knows torch's optimizers
+    only; this bridge goes away once its make_optimizer takes "adamw-8bit" (asked of step.py's owner).
+    The optimizer's ``state`` is a torch.optim state dict, so its tensors count as optimizer state."""
+    from costlens.measure import step
+    if optimizer != "adamw-8bit" or "adamw-8bit" in step.OPTIMIZERS:
+        yield
+        return
+    torch_optimizer = step.make_optimizer
+
+    def make(params, name, impl, lr, master_weights=False):
+        if name != "adamw-8bit" or master_weights:
+            return torch_optimizer(params, name, impl, lr, master_weights)
+        import bitsandbytes
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr)
+
+    step.OPTIMIZERS, step.make_optimizer = (*step.OPTIMIZERS, "adamw-8bit"), make
+    try:
+        yield
+    finally:
+        step.OPTIMIZERS = tuple(o for o in step.OPTIMIZERS if o != "adamw-8bit")
+        step.make_optimizer = torch_optimizer
+
+
+@contextmanager
+def _quiet_loading(transformers):
+    """No progress bars or load reports on the terminal while the quantized copy is written and read."""
+    import logging
+    verbosity = transformers.logging.get_verbosity()
+    bnb_logger = logging.getLogger("bitsandbytes")
+    level = bnb_logger.level
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    bnb_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.utils.logging.enable_progress_bar()
+        bnb_logger.setLevel(level)
 
 
 def _experts_kwargs(transformers, config, setup) -> dict:

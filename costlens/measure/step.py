@@ -17,7 +17,7 @@ import contextlib
 import gc
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Iterator
 
 import torch
@@ -29,8 +29,12 @@ from costlens.measure.tracker import MemCategory, MemoryProfile, Phase, StorageT
 
 OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
 # "ce": cross-entropy of the logits against the ids themselves; "hf": the model's own loss with
-# labels=input_ids (transformers upcasts the logits to fp32, shifts by one, cross-entropy)
-LOSSES = ("ce", "hf")
+# labels=input_ids (transformers upcasts the logits to fp32, shifts by one, cross-entropy);
+# "chunked-ce": torchtune's CEWithChunkedOutputLoss over the head applied per token chunk, as
+# torchtune's recipes run it (TransformerDecoder.chunked_output, labels shifted with an ignored tail)
+LOSSES = ("ce", "hf", "chunked-ce")
+TORCHTUNE_CHUNKS = 8          # CEWithChunkedOutputLoss's default num_output_chunks (every recipe's)
+IGNORE_INDEX = -100
 OPTIMIZER_IMPLS = ("for-loop", "foreach")
 SGD_MOMENTUM = 0.9
 
@@ -243,10 +247,10 @@ def _measured_step(module, opt, ids, batch, seq, vocab, device, tracker, watch, 
         input_ids = _input_ids(ids, batch, seq, vocab, device)   # the embedding saves them for backward
         # "hf": the model computes its loss inside forward; the phases then meet in FORWARD
         output, loss = _forward_loss(module, input_ids, vocab, recipe.loss) if recipe.loss == "hf" \
-            else (_logits(module(input_ids)), None)
+            else (_forward(module, input_ids, recipe.loss), None)
     with phase(Phase.LOSS), _autocast(recipe, device):
         if loss is None:
-            loss = _loss(output, input_ids, vocab)
+            loss = _loss(output, input_ids, vocab, recipe.loss)
         if not keep_logits:
             del output
         del input_ids                   # autograd still holds them where backward needs them
@@ -269,8 +273,25 @@ def _forward_loss(module, input_ids, vocab: int, loss: str):
     if loss == "hf":
         output = module(input_ids=input_ids, labels=input_ids)
         return output, output.loss
-    logits = _logits(module(input_ids))
-    return logits, _loss(logits, input_ids, vocab)
+    logits = _forward(module, input_ids, loss)
+    return logits, _loss(logits, input_ids, vocab, loss)
+
+
+def _forward(module, input_ids, loss: str):
+    """The logits of forward: one tensor, or for "chunked-ce" the list of per-chunk logits."""
+    return _chunked_logits(module, input_ids) if loss == "chunked-ce" else _logits(module(input_ids))
+
+
+def _chunked_logits(module, input_ids) -> list[torch.Tensor]:
+    """torchtune's ``TransformerDecoder.chunked_output`` on a transformers causal LM: the base
+    model's last hidden state (after its final norm), split into TORCHTUNE_CHUNKS chunks along
+    the sequence (``Tensor.chunk``), each through the real LM head (LoRA'd or not)."""
+    causal = module.get_base_model() if hasattr(module, "get_base_model") else module
+    head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
+    if head is None or getattr(causal, "base_model", causal) is causal:
+        raise PlanError("--loss chunked-ce needs a transformers causal LM (a base model and an LM head)")
+    hidden = causal.base_model(input_ids=input_ids).last_hidden_state
+    return [head(chunk) for chunk in hidden.chunk(TORCHTUNE_CHUNKS, dim=1)]
 
 
 def _autocast(recipe: StepRecipe, device: str):
@@ -280,9 +301,33 @@ def _autocast(recipe: StepRecipe, device: str):
     return torch.autocast(torch.device(device).type, dtype=recipe.autocast)
 
 
-def _loss(logits: torch.Tensor, input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+def _loss(logits, input_ids: torch.Tensor, vocab: int, loss: str = "ce") -> torch.Tensor:
+    if loss == "chunked-ce":       # torchtune's recipes: labels shifted by one, the tail ignored
+        ignored = torch.full_like(input_ids[:, :1], IGNORE_INDEX)
+        return torchtune_chunked_loss()(TORCHTUNE_CHUNKS)(logits, torch.hstack((input_ids[:, 1:], ignored)))
     # [b, s, V] -> [b*s, V] against the ids themselves (as tests/torch_plans.step_flops does)
     return F.cross_entropy(logits.reshape(-1, vocab), input_ids.reshape(-1))
+
+
+@lru_cache(maxsize=1)
+def torchtune_chunked_loss() -> type:
+    """torchtune's ``CEWithChunkedOutputLoss`` class, run unchanged from torchtune's own source
+    file. The file imports only torch; the package's ``__init__`` imports torchao and its data
+    stack, which the loss never uses, so the module is loaded by path (``pip install --no-deps
+    torchtune`` is enough)."""
+    import importlib.util
+    from pathlib import Path
+    found = importlib.util.find_spec("torchtune")
+    if found is None or not found.submodule_search_locations:
+        raise PlanError("--loss chunked-ce runs torchtune's CEWithChunkedOutputLoss: "
+                        "pip install --no-deps torchtune")
+    path = Path(next(iter(found.submodule_search_locations))) / "modules" / "loss" / "ce_chunked_output_loss.py"
+    spec = importlib.util.spec_from_file_location("costlens_torchtune_ce_chunked_output_loss", path)
+    if spec is None or not path.is_file():
+        raise PlanError(f"--loss chunked-ce: this torchtune has no {path.name}")
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded.CEWithChunkedOutputLoss
 
 
 def _input_ids(generator, batch, seq, vocab, device) -> torch.Tensor:

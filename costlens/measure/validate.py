@@ -208,7 +208,7 @@ def apply_plan(module, model: Model, result: Estimate):
         from transformers.pytorch_utils import Conv1D      # GPT-2's linear, which PEFT wraps as a module
     except ImportError:                                    # a plain torch module without transformers
         Conv1D = torch.nn.Linear
-    linear, tensors, ranks = [], [], {}
+    linear, tensors, ranks, alphas = [], [], {}, {}
     for adapter in result.adapters:
         name = by_key[adapter.key].constant
         layer = name.rsplit(".", 1)[0]
@@ -218,14 +218,23 @@ def apply_plan(module, model: Model, result: Estimate):
         (tensors if by_parameter else linear).append(name if by_parameter else layer)
         # PEFT's get_pattern_key matches (.*\.)?(key)$ on the module name (a parameter's: module.param):
         # the full escaped name gives each adapter its own rank (a layer-scoped rank included)
-        ranks[re.escape(name if by_parameter else layer)] = adapter.rank
+        pattern = re.escape(name if by_parameter else layer)
+        ranks[pattern] = adapter.rank
+        if adapter.alpha != result.plan.alpha:     # a target's own alpha (PEFT's gate_up_proj at 2r takes 2 alpha)
+            alphas[pattern] = adapter.alpha
     config = LoraConfig(r=result.plan.rank, lora_alpha=result.plan.alpha, lora_dropout=result.plan.lora_dropout,
                         bias="none", target_modules=linear, target_parameters=tensors, rank_pattern=ranks,
-                        use_dora=result.plan.dora)
+                        alpha_pattern=alphas, use_dora=result.plan.dora)
     # the plan priced is this list of full names; on transformers 5 PEFT would rewrite MoE configs by
     # their last name part (model.layers.0.mlp.gate_proj of a dense layer -> every layer's fused
     # experts at twice the rank), adapting another plan than the one priced: turned off for this call
-    with named_targets_only():
+    import warnings
+    with named_targets_only(), warnings.catch_warnings():
+        # PEFT 0.21 checks rank_pattern/alpha_pattern keys against targeted module names only, so the
+        # exact key of a target_parameters tensor is reported "ignored" although its rank is applied;
+        # every key here is the full name of an adapted module or tensor, so none can really miss
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match",
+                                category=RuntimeWarning)
         wrapped = get_peft_model(module, config)
     for name, parameter in wrapped.base_model.model.named_parameters():
         if name in trainable:                     # base weights the plan trains beside the adapters
@@ -281,8 +290,8 @@ def validate_config(source, plan: Plan, setup: Setup, dims=None, device: str = "
     config (the corpus case; it must not be shrunk). Needs the torch extra."""
     from costlens.frontends.hf_config import read_config
     from costlens.frontends.source import SourceKind, classify, torch_source
-    from costlens.measure.hf_module import (Dims, build_real_module, check_recipe, shrink_config, step_recipe,
-                                            to_half_after_plan, truth_label)
+    from costlens.measure.hf_module import (Dims, bnb_optimizer_in_measure, build_real_module, check_recipe,
+                                            shrink_config, step_recipe, to_half_after_plan, truth_label)
     from costlens.measure.preflight import check_fits
     from costlens.measure.step import measure_step
 
@@ -313,8 +322,9 @@ def validate_config(source, plan: Plan, setup: Setup, dims=None, device: str = "
     module = to_half_after_plan(apply_plan(module, traced, by_name), setup)
     truth = truth_label(module)
     progress(f"measuring two training steps on {device} (batch {result.batch}, seq {result.seq})")
-    measured = measure_step(module, result.batch, result.seq, config.vocab_size, setup.optimizer,
-                            setup.optimizer_impl, device=device, recipe=step_recipe(setup))
+    with bnb_optimizer_in_measure(setup.optimizer):
+        measured = measure_step(module, result.batch, result.seq, config.vocab_size, setup.optimizer,
+                                setup.optimizer_impl, device=device, recipe=step_recipe(setup))
     notes = _recipe_notes(setup, module)
     validation = _compare(result, measured, setup, device, "hf", tolerance, notes)
     return replace(validation, truth=truth)
@@ -331,6 +341,11 @@ def _recipe_notes(setup: Setup, module) -> tuple[str, ...]:
         notes.append(f"experts run transformers' {experts!r} implementation")
     if setup.precision == "fp16-autocast":
         notes.append("fp16 autocast on the CPU runs without a GradScaler (it holds one scalar)")
+    if setup.base_quant:
+        notes.append(f"base loaded by from_pretrained with bitsandbytes {setup.base_quant} (no "
+                     "prepare_model_for_kbit_training); the dequantized weight copy is priced at the peak as a bound")
+    if setup.optimizer == "adamw-8bit":
+        notes.append("adamw-8bit runs bitsandbytes.optim.AdamW8bit (tensors under 4,096 elements keep fp32 moments)")
     return tuple(notes)
 
 

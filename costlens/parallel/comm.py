@@ -6,7 +6,8 @@ from math import prod
 
 from costlens.estimate import Estimate
 from costlens.gradients import StepAnalysis
-from costlens.parallel.layout import COLWISE_KINDS, ROWWISE_KINDS, SPLIT_ROLES, RankLayout, ddp_buckets
+from costlens.parallel.layout import (COLWISE_KINDS, ROWWISE_KINDS, SPLIT_ROLES, RankLayout, ddp_buckets,
+                                      module_buffer_bytes)
 from costlens.storages import Precision, StorageContext
 
 
@@ -34,6 +35,7 @@ def communication(analysis: StepAnalysis, result: Estimate, rank: RankLayout, tp
         all_reduce += trainable_bytes
         sizes = [prod(s) * wb for s in rank.trainable_local]
         broadcast += 4 * (rank.n_trainable_tensors + 1) + 4 * ddp_buckets(sizes)   # bucket rebuild
+        broadcast += module_buffer_bytes(analysis)      # broadcast_buffers=True: rank 0's buffers, every forward
         if rank.shard == "zero1":
             broadcast += trainable_bytes          # each updated parameter from its owner
     if rank.shard in ("zero2", "zero3") and dp > 1:

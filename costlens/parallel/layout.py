@@ -112,6 +112,34 @@ def ddp_buckets(sizes: list[int]) -> int:
     return buckets
 
 
+_NOT_MODULE_TENSORS = ("scalar.", "ints(", "reshape_target")      # constants the graph builder makes itself
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "int16": 2,
+                "int8": 1, "uint8": 1, "bool": 1, "float8e4m3fn": 1, "float8e5m2": 1}
+
+
+def module_buffer_bytes(analysis: StepAnalysis) -> int:
+    """Bytes of the module's buffers (RoPE's ``inv_freq`` and ``original_inv_freq``, position ids, ...):
+    what DDP's ``broadcast_buffers=True`` broadcasts from rank 0 at every forward. torch.export
+    lifts every registered buffer, read in forward or not, as a named placeholder, so they are the
+    traced graph's named constants that hold no parameter. An ONNX graph has no buffers (its
+    initializers are weights or constants the exporter folded): 0. A tied parameter's second name,
+    read by no node and shaped as the tied tensor, is not a buffer."""
+    graph, roles = analysis.model.graph, analysis.model.roles
+    if str(graph.source).endswith(".onnx"):
+        return 0
+    params = {u.constant for u in roles.params}
+    tied_shapes = {tuple(u.shape) for u in roles.params if u.tied_to}
+    read = {x for node in graph.nodes for x in node.inputs if x}
+    total = 0
+    for name, const in graph.constants.items():
+        if name in params or name.startswith(_NOT_MODULE_TENSORS):
+            continue
+        if name not in read and tuple(const.shape) in tied_shapes:
+            continue
+        total += const.n_elements * _DTYPE_BYTES.get(const.dtype, 4)
+    return total
+
+
 def sharded_tensors(analysis: StepAnalysis, tp: int) -> set[str]:
     """Tensors that tensor parallelism splits: from a column-parallel linear's output through
     everything computed from it, up to (not including) a row-parallel linear's output."""

@@ -50,15 +50,8 @@ class GraphView:
     def __init__(self, graph: Graph):
         self.graph = graph
         self.nodes = graph.nodes
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = {}
-        for i, node in enumerate(graph.nodes):
-            for out in node.outputs:
-                if out:
-                    self.producer[out] = i
-            for name in node.inputs:
-                if name:
-                    self.consumers.setdefault(name, []).append(i)
+        self.producer = graph.producer_index        # the graph's own index, built once per graph
+        self.consumers = graph.consumer_indices
         self.data = self._data_tensors()
         self.dynamic = self._dynamic_tensors()
 

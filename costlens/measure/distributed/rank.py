@@ -80,7 +80,8 @@ def _measure_rank(config: dict, rank: int, world: int) -> RankMeasurement:
         weights_bytes=storage_bytes([*wrapped.parameters(), *wrapped.buffers()]),
         gradient_bytes=storage_bytes(_grads(trainable)), optimizer_state_bytes=storage_bytes(state),
         collective_bytes=dict(counter.bytes), collective_calls=dict(counter.calls),
-        n_trainable_params=sum(_local(p).numel() for p in trainable), truth=truth)
+        n_trainable_params=sum(_local(p).numel() for p in trainable), truth=truth,
+        late_frees=tracker.late_frees, late_free_bytes=tracker.late_free_bytes)
 
 
 def _local(tensor):

@@ -6,6 +6,7 @@ ddp, zero1, zero2, zero3 and tp (see the package docstring for what each runs).
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Iterator
@@ -21,9 +22,54 @@ ROWWISE = ("o_proj", "down_proj")
 
 
 class PeakResetTracker(StorageTracker):
-    """A StorageTracker whose peak can be reset between steps while every storage stays tracked."""
+    """A StorageTracker whose peak can be reset between steps while every storage stays tracked,
+    safe against frees booked from gloo's worker threads.
+
+    A gloo collective runs on a ProcessGroupGloo worker thread that holds the Work (and with it the
+    collective's tensors) until a moment after the Work completes. When the rank's own code drops a
+    tensor before the worker has let go, the storage dies on the worker thread, later than the step
+    released it -- how much later depends on how the OS schedules 4+ rank processes on 2 shared
+    cores, and the weakref callback then races the main thread's ``_live_bytes += n`` (a lost
+    update shifts every later figure). Bookkeeping is therefore serialized by a lock, and frees
+    booked off the rank's main thread in the measured step are counted (``late_frees``, bytes in
+    ``late_free_bytes``) so that the launcher can reject a run they may have distorted."""
+
+    def __init__(self, device_type: str | None = None) -> None:
+        """``device_type``: as StorageTracker's."""
+        super().__init__(device_type)
+        self._lock = threading.RLock()
+        self._owner = threading.get_ident()
+        self._counting_late = False
+        self.late_frees = 0
+        self.late_free_bytes = 0
+
+    def _track(self, storage, category):
+        with self._lock:
+            return super()._track(storage, category)
+
+    def _resize(self, serial: int, nbytes: int) -> None:
+        with self._lock:
+            super()._resize(serial, nbytes)
+
+    def _on_free(self, serial: int, _ref) -> None:
+        with self._lock:
+            if self._counting_late and threading.get_ident() != self._owner and serial in self._live:
+                self.late_frees += 1
+                self.late_free_bytes += self._live[serial]
+            super()._on_free(serial, _ref)
+
+    def _switch_phase(self, phase) -> None:
+        with self._lock:
+            super()._switch_phase(phase)
 
     def reset_peak(self) -> None:
+        """Start the measured step: the peak from here, late frees counted from here."""
+        with self._lock:
+            self._reset_peak()
+            self._counting_late = True
+            self.late_frees = self.late_free_bytes = 0
+
+    def _reset_peak(self) -> None:
         self._snapshot_pending()
         self._baseline_bytes = self._live_bytes
         self._peak_bytes, self._peak_phase = self._live_bytes, self._phase
