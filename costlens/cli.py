@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from costlens.cli_errors import TOLERANCE, friendly_errors
-from costlens.defaults import corpus_experts_impl, experts_default, source_defaults
+from costlens.defaults import source_defaults
 from costlens.errors import CostlensError
 from costlens.plans import ATTENTION_IMPLS, EXPERTS_IMPLS, LOSSES, PRECISIONS
 
@@ -202,9 +202,6 @@ def _setup(options: dict, recipe=None):
     click.get_current_context().meta["costlens.derived"] = derived
     return Setup(**values)
 
-
-# kept under their former names: the tests of the MoE defaults import them from here
-_experts_default, _corpus_experts_impl = experts_default, corpus_experts_impl
 
 
 def derived_defaults() -> dict[str, str]:

@@ -90,11 +90,11 @@ def test_the_step_estimate_follows_the_implementation(small_model):
 def test_an_exported_graph_defaults_to_the_implementation_its_export_traced():
     """The HF corpus index records the experts_implementation each ONNX file was exported with
     (its graph gathers expert weights: batched_mm); validate then runs the real module that way."""
-    from costlens.cli import _corpus_experts_impl
+    from costlens.defaults import corpus_experts_impl
     index = json.loads(open(f"{HF}/index.json", encoding="utf-8").read())
     recorded = index["archs"]["mixtral"]["exporters"]["dynamo"]
-    assert _corpus_experts_impl(f"{HF}/{recorded['file']}") == recorded["experts_implementation"]
-    assert _corpus_experts_impl("fixtures/moe_fused.onnx") is None       # not a corpus file: the loop
+    assert corpus_experts_impl(f"{HF}/{recorded['file']}") == recorded["experts_implementation"]
+    assert corpus_experts_impl("fixtures/moe_fused.onnx") is None       # not a corpus file: the loop
 
 
 def test_an_unknown_implementation_is_refused():

@@ -297,32 +297,6 @@ def count_bnb_flops() -> None:
 
 
 @contextmanager
-def bnb_optimizer_in_measure(optimizer: str):
-    """While it is open, ``measure_step`` builds ``optimizer`` "adamw-8bit" as bitsandbytes'
-    ``AdamW8bit`` (defaults: blockwise, min_8bit_size 4096). measure/step.py knows torch's optimizers
-    only; this bridge goes away once its make_optimizer takes "adamw-8bit" (asked of step.py's owner).
-    The optimizer's ``state`` is a torch.optim state dict, so its tensors count as optimizer state."""
-    from costlens.measure import step
-    if optimizer != "adamw-8bit" or "adamw-8bit" in step.OPTIMIZERS:
-        yield
-        return
-    torch_optimizer = step.make_optimizer
-
-    def make(params, name, impl, lr, master_weights=False):
-        if name != "adamw-8bit" or master_weights:
-            return torch_optimizer(params, name, impl, lr, master_weights)
-        import bitsandbytes
-        return bitsandbytes.optim.AdamW8bit(params, lr=lr)
-
-    step.OPTIMIZERS, step.make_optimizer = (*step.OPTIMIZERS, "adamw-8bit"), make
-    try:
-        yield
-    finally:
-        step.OPTIMIZERS = tuple(o for o in step.OPTIMIZERS if o != "adamw-8bit")
-        step.make_optimizer = torch_optimizer
-
-
-@contextmanager
 def _quiet_loading(transformers):
     """No progress bars or load reports on the terminal while the quantized copy is written and read."""
     import logging

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 from costlens.errors import PlanError
 from costlens.measure.tracker import MemCategory, MemoryProfile, Phase, StorageTracker, storages_of
 
-OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
+OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor", "adamw-8bit")   # adamw-8bit: bitsandbytes' AdamW8bit
 # "ce": cross-entropy of the logits against the ids themselves; "hf": the model's own loss with
 # labels=input_ids (transformers upcasts the logits to fp32, shifts by one, cross-entropy);
 # "chunked-ce": torchtune's CEWithChunkedOutputLoss over the head applied per token chunk, as
@@ -203,6 +203,9 @@ def make_optimizer(params: list[torch.nn.Parameter], name: str, impl: str, lr: f
     stepping fp32 master copies of half-precision parameters."""
     if master_weights:
         return MasterCopyOptimizer(params, lambda masters: make_optimizer(masters, name, impl, lr))
+    if name == "adamw-8bit":       # bitsandbytes' own (blockwise, min_8bit_size 4096), on the CPU too
+        import bitsandbytes
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr)
     foreach = impl == "foreach"
     if name == "adafactor":
         return torch.optim.Adafactor(params, lr=lr, foreach=foreach)

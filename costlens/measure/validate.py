@@ -290,7 +290,7 @@ def validate_config(source, plan: Plan, setup: Setup, dims=None, device: str = "
     config (the corpus case; it must not be shrunk). Needs the torch extra."""
     from costlens.frontends.hf_config import read_config
     from costlens.frontends.source import SourceKind, classify, torch_source
-    from costlens.measure.hf_module import (Dims, bnb_optimizer_in_measure, build_real_module, check_recipe,
+    from costlens.measure.hf_module import (Dims, build_real_module, check_recipe,
                                             shrink_config, step_recipe, to_half_after_plan, truth_label)
     from costlens.measure.preflight import check_fits
     from costlens.measure.step import measure_step
@@ -322,9 +322,8 @@ def validate_config(source, plan: Plan, setup: Setup, dims=None, device: str = "
     module = to_half_after_plan(apply_plan(module, traced, by_name), setup)
     truth = truth_label(module)
     progress(f"measuring two training steps on {device} (batch {result.batch}, seq {result.seq})")
-    with bnb_optimizer_in_measure(setup.optimizer):
-        measured = measure_step(module, result.batch, result.seq, config.vocab_size, setup.optimizer,
-                                setup.optimizer_impl, device=device, recipe=step_recipe(setup))
+    measured = measure_step(module, result.batch, result.seq, config.vocab_size, setup.optimizer,
+                            setup.optimizer_impl, device=device, recipe=step_recipe(setup))
     notes = _recipe_notes(setup, module)
     validation = _compare(result, measured, setup, device, "hf", tolerance, notes)
     return replace(validation, truth=truth)
